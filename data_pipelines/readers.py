@@ -1,0 +1,189 @@
+"""The small interface every dataset reader implements, and the helpers they share.
+
+A reader turns one dataset on disk (nuScenes, Argoverse 2, Waymo, OpenDV) into canonical clip samples
+(``data_pipelines.schema``). The converter only needs::
+
+  reader.list_clips() -> list[str]          # clip ids, stable across runs
+  reader.read_clip(clip_id) -> dict         # one schema sample (schema.validate passes)
+
+Corrupt or missing inputs raise ``ReaderError`` naming the file, so the converter can count and skip the clip;
+a reader never returns a sample built from partial data.
+
+Shared helpers (used by all readers so that padding and resampling behave the same everywhere):
+  ``read_jpeg``          decode (and optionally resize) an image file, ReaderError on a bad file.
+  ``resample_nearest``   pick source frames nearest to t0 + i / fps (OpenDWM ``enumerate_segments`` rule).
+  ``pack_boxes``, ``pack_lidar``, ``pack_polylines``   pad per-frame lists to the fixed schema sizes.
+"""
+from __future__ import annotations
+
+import abc
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import schema
+
+
+class ReaderError(RuntimeError):
+  """An input file of a clip is missing, truncated or corrupt. ``path`` names it."""
+
+  def __init__(self, message: str, path: str | os.PathLike | None = None):
+    self.path = None if path is None else os.fspath(path)
+    super().__init__(message if path is None else f"{message}: {self.path}")
+
+
+class ClipReader(abc.ABC):
+  """Base class of the dataset readers. Subclasses set ``dataset`` (one of schema.DATASETS)."""
+
+  dataset: str = ""
+
+  @abc.abstractmethod
+  def list_clips(self) -> list[str]:
+    """Returns the ids of all clips this reader can produce, in a deterministic order."""
+
+  @abc.abstractmethod
+  def read_clip(self, clip_id: str) -> dict:
+    """Returns one schema sample for ``clip_id``; raises ReaderError for missing/corrupt inputs."""
+
+  def __len__(self) -> int:
+    return len(self.list_clips())
+
+
+def read_jpeg(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+  """Reads an image file fully. Returns uint8 [H, W, 3] RGB, resized to ``size`` = (H, W) if given.
+
+  The whole file is decoded (``Image.load``), so a truncated or corrupt JPEG raises here, not later.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ReaderError(f"cannot read image ({e.strerror})", path) from e
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      im = im.convert("RGB")
+      if size is not None and (im.height, im.width) != tuple(size):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+      return np.asarray(im, dtype=np.uint8)
+  except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for truncated/corrupt data.
+    raise ReaderError(f"corrupt image ({e})", path) from e
+
+
+def scale_intrinsics(k: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
+  """Rescales a pinhole K [3, 3] from an image of src (H, W) to dst (H, W) (pixel-corner convention)."""
+  k = np.array(k, dtype=np.float64)
+  sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+  k[0] *= sx
+  k[1] *= sy
+  return k
+
+
+def resample_nearest(source_times: np.ndarray, start_time: float, num_frames: int,
+                     fps: float) -> np.ndarray | None:
+  """Indices of the source frames nearest to ``start_time + i / fps``, i < num_frames.
+
+  Args:
+    source_times: [N] increasing times in seconds.
+  Returns:
+    int [num_frames], or None when any frame is off by more than half a target interval (a dropped camera frame
+    or the end of the sequence) -- OpenDWM rejects such clips too.
+  """
+  source_times = np.asarray(source_times, dtype=np.float64)
+  if source_times.size == 0:
+    return None
+  targets = start_time + np.arange(num_frames) / fps
+  right = np.clip(np.searchsorted(source_times, targets), 1, max(source_times.size - 1, 1))
+  left = right - 1
+  if source_times.size == 1:
+    left = right = np.zeros_like(right)
+  pick = np.where(np.abs(source_times[left] - targets) <= np.abs(source_times[right] - targets), left, right)
+  if np.any(np.abs(source_times[pick] - targets) > 0.5 / fps + 1e-6):
+    return None
+  return pick
+
+
+def pack_boxes(frames: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_boxes: int):
+  """Pads per-frame boxes to ``max_boxes`` rows, keeping the nearest boxes to the ego origin when over.
+
+  Args:
+    frames: per frame (boxes [n, 7], class [n], track id [n]) in the ego frame.
+  Returns:
+    boxes [T, NB, 7] f32, box_class [T, NB] i32, box_track_id [T, NB] i32, box_mask [T, NB] bool.
+  """
+  t = len(frames)
+  boxes = np.zeros((t, max_boxes, 7), np.float32)
+  cls = np.full((t, max_boxes), -1, np.int32)
+  tid = np.full((t, max_boxes), -1, np.int32)
+  mask = np.zeros((t, max_boxes), bool)
+  for i, (b, c, k) in enumerate(frames):
+    b = np.asarray(b, np.float64).reshape(-1, 7)
+    order = np.argsort(np.linalg.norm(b[:, :2], axis=-1), kind="stable")[:max_boxes]
+    n = order.size
+    boxes[i, :n] = b[order]
+    cls[i, :n] = np.asarray(c)[order]
+    tid[i, :n] = np.asarray(k)[order]
+    mask[i, :n] = True
+  return boxes, cls, tid, mask
+
+
+def pack_lidar(frames: Sequence[np.ndarray], max_points: int, seed: int = 0):
+  """Pads per-frame point clouds [n, 3] to ``max_points``; over-full clouds are subsampled uniformly at random
+  (deterministic ``seed``) so that coverage stays even. Returns lidar_points [T, NL, 3] f32, lidar_mask [T, NL]."""
+  rng = np.random.default_rng(seed)
+  pts = np.zeros((len(frames), max_points, 3), np.float32)
+  mask = np.zeros((len(frames), max_points), bool)
+  for i, p in enumerate(frames):
+    p = np.asarray(p, np.float32).reshape(-1, 3)
+    if p.shape[0] > max_points:
+      p = p[np.sort(rng.choice(p.shape[0], max_points, replace=False))]
+    pts[i, :p.shape[0]] = p
+    mask[i, :p.shape[0]] = True
+  return pts, mask
+
+
+def pack_polylines(lines: Sequence[tuple[np.ndarray, int]], max_lines: int, points_per_line: int,
+                   anchor: np.ndarray | None = None):
+  """Packs world-frame polylines into [NP, NK, 3] without dropping geometry inside a polyline.
+
+  A polyline longer than ``points_per_line`` is split into consecutive pieces that share their end point, so
+  the drawn lines are unchanged. When there are more than ``max_lines`` pieces, those nearest to ``anchor``
+  (e.g. the ego path, [M, 3]) are kept.
+
+  Args:
+    lines: (points [n, 3] (n >= 2), class index into schema.MAP_CLASSES).
+  Returns:
+    map_points [NP, NK, 3] f32, map_class [NP] i32 (-1 pad), map_mask [NP, NK] bool.
+  """
+  if points_per_line < 2:
+    raise ValueError(f"points_per_line must be >= 2, got {points_per_line}")
+  pieces: list[tuple[np.ndarray, int]] = []
+  for pts, c in lines:
+    pts = np.asarray(pts, np.float64).reshape(-1, 3)
+    if pts.shape[0] < 2:
+      continue
+    step = points_per_line - 1
+    for s in range(0, pts.shape[0] - 1, step):
+      pieces.append((pts[s:s + points_per_line], int(c)))
+  if len(pieces) > max_lines and anchor is not None:
+    anchor = np.asarray(anchor, np.float64).reshape(-1, 3)[:, :2]
+    dist = [np.min(np.linalg.norm(p[:, None, :2] - anchor[None], axis=-1)) for p, _ in pieces]
+    pieces = [pieces[i] for i in np.argsort(dist, kind="stable")]
+  pieces = pieces[:max_lines]
+  out = np.zeros((max_lines, points_per_line, 3), np.float32)
+  cls = np.full((max_lines,), -1, np.int32)
+  mask = np.zeros((max_lines, points_per_line), bool)
+  for i, (p, c) in enumerate(pieces):
+    out[i, :p.shape[0]] = p
+    cls[i] = c
+    mask[i, :p.shape[0]] = True
+  return out, cls, mask
+
+
+def check_sample(sample: dict) -> dict:
+  """Validates a reader's output against the schema (a reader bug surfaces here, not in training)."""
+  schema.validate(sample)
+  return sample
