@@ -1,0 +1,115 @@
+"""Checkpoints: the trainer's Orbax CheckpointManager (state + data-iterator state) and plain params files.
+
+Two kinds of files:
+- Training checkpoints in ``WORKDIR/checkpoints/<step>/``: ``state`` (step, params, optimizer state, counters; saved
+  sharded and asynchronously by Orbax) and ``data`` (the grain iterator state, one small JSON per process), so that a
+  restart resumes at the same step with the same next batch.
+- Params files (``save_params`` / ``load_params``): a bare params pytree (an Orbax PyTree checkpoint directory), as
+  the weight-import CLIs write and ``--config.init_from=PATH`` reads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from flax.core import meta
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Params files.
+# ----------------------------------------------------------------------------------------------------------------------
+def save_params(path: str, params: Any) -> None:
+  """Writes a params pytree (host or device arrays; partitioning boxes are stripped) to ``path`` (a new directory)."""
+  path = os.path.abspath(path)
+  params = jax.tree.map(np.asarray, meta.unbox(params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, params)
+    ckptr.wait_until_finished()
+
+
+def load_params(path: str) -> Any:
+  """Reads a params pytree written by ``save_params`` as numpy arrays on the host."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"params checkpoint {path!r} does not exist")
+  with ocp.StandardCheckpointer() as ckptr:
+    meta_tree = ckptr.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta_tree,
+                          is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return ckptr.restore(path, target)
+
+
+def merge_params(fresh: Any, loaded: Any, *, what: str = "init_from") -> tuple[Any, list[str]]:
+  """Overwrites leaves of ``fresh`` with those of ``loaded`` at the same paths.
+
+  Every loaded leaf must exist in ``fresh`` with the same shape (else ValueError naming both); leaves of ``fresh``
+  that ``loaded`` lacks keep their fresh initialisation and are returned as a list of '/'-joined paths.
+  """
+  flat_fresh = traverse_util.flatten_dict(meta.unbox(fresh), sep="/")
+  flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
+  errors = []
+  for k, v in flat_loaded.items():
+    if k not in flat_fresh:
+      errors.append(f"{what}: param {k!r} {tuple(np.shape(v))} does not exist in the model")
+    elif tuple(np.shape(v)) != tuple(np.shape(flat_fresh[k])):
+      errors.append(f"{what}: param {k!r} has shape {tuple(np.shape(v))} in the file, "
+                    f"{tuple(np.shape(flat_fresh[k]))} in the model")
+  if errors:
+    raise ValueError("\n".join(errors))
+  merged = {k: (np.asarray(flat_loaded[k]).astype(np.asarray(v).dtype) if k in flat_loaded else v)
+            for k, v in flat_fresh.items()}
+  fresh_paths = sorted(k for k in flat_fresh if k not in flat_loaded)
+  return traverse_util.unflatten_dict(merged, sep="/"), fresh_paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints.
+# ----------------------------------------------------------------------------------------------------------------------
+def make_manager(directory: str, *, max_to_keep: int, save_interval_steps: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """An Orbax CheckpointManager with items 'state' (a pytree) and 'data' (a grain iterator)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                         enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: grain.DatasetIterator | None,
+         *, force: bool = False) -> bool:
+  """Saves (asynchronously) the train state and the data iterator position at ``step``."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   data_iterator: grain.DatasetIterator | None) -> tuple[int, Any] | None:
+  """Restores the latest checkpoint into ``abstract_state``'s shapes/shardings and moves ``data_iterator`` to the
+  saved position. Returns (step, state), or None when the directory holds no checkpoint."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  log.info("restored checkpoint at step %d from %s", step, manager.directory)
+  return step, restored["state"]
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs with shardings: the restore target for ``restore_latest``."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def flatten_for_log(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
