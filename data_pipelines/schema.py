@@ -39,6 +39,16 @@ Derived conditions (added by ``data_pipelines.conditions`` from the fields above
   box_images    uint8   [T, V, H, W, 3]  3D boxes drawn as coloured line images.
   map_images    uint8   [T, V, H, W, 3]  HD-map polylines drawn as coloured line images (out to 65 m).
   depth         float32 [T, V, H, W]     LiDAR depth along the camera z axis (metres), 0 where no point.
+  camera_params float32 [T, V, 11]       OpenDWM C35 "fps_camera_transforms": fps, fx/H, fy/H, cx/W, cy/H (original
+                                         scale), cam_to_ego entries 2, 6, 10 (camera z axis) and 3, 7, 11 (origin).
+  view_adjacency bool   [V, V]           cross-view attention mask: ring (self + 2 neighbours) over real views;
+                                         identity for single-view clips and OpenDV.
+
+Optional fields (validated when present; ``validate`` never requires them):
+  sky_mask      bool    [T, V, H, W]     True where the pixel shows sky (STORM sky loss); absent = no sky labels.
+  original_size int32   [V, 2]           (W, H) of each camera's original image. Intrinsics stay consistent with the
+                                         current H x W; this only lets camera_params use the original-scale
+                                         normalisation after aspect-changing resizes. Absent = the current (W, H).
 """
 from __future__ import annotations
 
@@ -83,6 +93,12 @@ DERIVED_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "box_images": (np.uint8, ("T", "V", "H", "W", 3)),
     "map_images": (np.uint8, ("T", "V", "H", "W", 3)),
     "depth": (np.float32, ("T", "V", "H", "W")),
+    "camera_params": (np.float32, ("T", "V", 11)),
+    "view_adjacency": (np.bool_, ("V", "V")),
+}
+OPTIONAL_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "sky_mask": (np.bool_, ("T", "V", "H", "W")),
+    "original_size": (np.int32, ("V", 2)),
 }
 
 
@@ -95,7 +111,8 @@ def validate(sample: Mapping[str, Any], *, derived: bool = False) -> dict[str, i
 
   Raises SampleError naming the field, the expected and the actual dtype/shape.
   """
-  fields = dict(FIELDS, **DERIVED_FIELDS) if derived else FIELDS
+  fields = dict(FIELDS, **DERIVED_FIELDS) if derived else dict(FIELDS)
+  fields.update({k: v for k, v in OPTIONAL_FIELDS.items() if k in sample})
   dims: dict[str, int] = {}
   for name, (dtype, shape) in fields.items():
     if name not in sample:
