@@ -13,6 +13,9 @@ Shared helpers (used by all readers so that padding and resampling behave the sa
   ``read_jpeg``          decode (and optionally resize) an image file, ReaderError on a bad file.
   ``resample_nearest``   pick source frames nearest to t0 + i / fps (OpenDWM ``enumerate_segments`` rule).
   ``pack_boxes``, ``pack_lidar``, ``pack_polylines``   pad per-frame lists to the fixed schema sizes.
+  ``crop_polylines_near``  keep the map parts within a radius of the ego path.
+  ``quat_to_matrix``, ``pose_matrix``, ``quat_slerp``, ``yaw_of``   (w, x, y, z) quaternion poses (nuScenes, AV2).
+  ``format_caption``     caption-file entries (str or DriveMLM-style dict of fields) as one string.
 """
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-
-from . import schema
 
 
 class ReaderError(RuntimeError):
@@ -73,13 +74,57 @@ def read_jpeg(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     raise ReaderError(f"corrupt image ({e})", path) from e
 
 
-def scale_intrinsics(k: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-  """Rescales a pinhole K [3, 3] from an image of src (H, W) to dst (H, W) (pixel-corner convention)."""
-  k = np.array(k, dtype=np.float64)
-  sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-  k[0] *= sx
-  k[1] *= sy
-  return k
+def quat_to_matrix(q: Sequence[float]) -> np.ndarray:
+  """Rotation [3, 3] of a quaternion (w, x, y, z) (nuScenes and Argoverse 2 order); normalised first."""
+  w, x, y, z = np.asarray(q, np.float64) / np.linalg.norm(q)
+  return np.array([
+      [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+  ])
+
+
+def pose_matrix(q: Sequence[float], t: Sequence[float]) -> np.ndarray:
+  """Rigid transform [4, 4] from a quaternion (w, x, y, z) and a translation [3]."""
+  T = np.eye(4)
+  T[:3, :3] = quat_to_matrix(q)
+  T[:3, 3] = np.asarray(t, np.float64)
+  return T
+
+
+def quat_slerp(q0: Sequence[float], q1: Sequence[float], amount: float) -> np.ndarray:
+  """Shortest-path spherical interpolation of unit quaternions (w, x, y, z), as pyquaternion's slerp."""
+  q0 = np.asarray(q0, np.float64) / np.linalg.norm(q0)
+  q1 = np.asarray(q1, np.float64) / np.linalg.norm(q1)
+  dot = float(np.dot(q0, q1))
+  if dot < 0:  # q and -q are the same rotation; take the short arc.
+    q1, dot = -q1, -dot
+  if dot > 0.9995:
+    q = q0 + amount * (q1 - q0)
+  else:
+    theta = np.arccos(min(dot, 1.0))
+    q = (np.sin((1 - amount) * theta) * q0 + np.sin(amount * theta) * q1) / np.sin(theta)
+  return q / np.linalg.norm(q)
+
+
+def yaw_of(rotation: np.ndarray) -> float:
+  """Heading (rad about +z, 0 = +x) of a rotation matrix [3, 3]: the angle of its x axis in the xy plane."""
+  return float(np.arctan2(rotation[1, 0], rotation[0, 0]))
+
+
+def format_caption(value) -> str:
+  """A caption-file entry as one string: a str as is; a dict of fields (DriveMLM/OpenDWM style) joined with ". "
+  in the order time, weather, environment, objects, image_description, then any other keys sorted."""
+  if value is None:
+    return ""
+  if isinstance(value, str):
+    return value.strip()
+  if isinstance(value, dict):
+    order = ["time", "weather", "environment", "objects", "image_description"]
+    keys = [k for k in order if k in value] + sorted(k for k in value if k not in order)
+    parts = [str(value[k]).strip().rstrip(".") for k in keys if str(value[k]).strip()]
+    return ". ".join(parts) + ("." if parts else "")
+  raise ValueError(f"caption entry must be a str or a dict of fields, got {type(value).__name__}")
 
 
 def resample_nearest(source_times: np.ndarray, start_time: float, num_frames: int,
@@ -183,7 +228,51 @@ def pack_polylines(lines: Sequence[tuple[np.ndarray, int]], max_lines: int, poin
   return out, cls, mask
 
 
+def crop_polylines_near(lines: Sequence[tuple[np.ndarray, int]], path_xy: np.ndarray, radius: float
+                        ) -> list[tuple[np.ndarray, int]]:
+  """Keeps the parts of polylines that pass within ``radius`` (xy) of any point of ``path_xy`` [M, 2].
+
+  Works per segment (point-to-segment distance), so a long straight edge whose vertices are both far away but
+  which passes next to the ego is kept. Runs of consecutive kept segments become separate polylines.
+
+  Args:
+    lines: (points [n, 2 or 3], class) in the same frame as ``path_xy``.
+  Returns:
+    list of (points [m, 3], class), m >= 2.
+  """
+  path_xy = np.asarray(path_xy, np.float64).reshape(-1, 2)
+  lo, hi = path_xy.min(0) - radius, path_xy.max(0) + radius
+  out = []
+  for pts, c in lines:
+    pts = np.asarray(pts, np.float64)
+    if pts.shape[-1] == 2:
+      pts = np.concatenate([pts, np.zeros_like(pts[:, :1])], -1)
+    if pts.shape[0] < 2:
+      continue
+    xy = pts[:, :2]
+    # Cheap reject on the bounding boxes before the per-segment distances.
+    if np.any(xy.max(0) < lo) or np.any(xy.min(0) > hi):
+      continue
+    a, d = xy[:-1], xy[1:] - xy[:-1]  # [S, 2]
+    dd = np.maximum(np.sum(d * d, -1), 1e-12)
+    t = np.clip(np.einsum("smk,sk->sm", path_xy[None] - a[:, None], d) / dd[:, None], 0.0, 1.0)  # [S, M]
+    dist = np.linalg.norm(a[:, None] + t[..., None] * d[:, None] - path_xy[None], axis=-1).min(-1)
+    keep = dist <= radius
+    s = 0
+    while s < keep.size:
+      if not keep[s]:
+        s += 1
+        continue
+      e = s
+      while e + 1 < keep.size and keep[e + 1]:
+        e += 1
+      out.append((pts[s:e + 2], int(c)))
+      s = e + 1
+  return out
+
+
 def check_sample(sample: dict) -> dict:
   """Validates a reader's output against the schema (a reader bug surfaces here, not in training)."""
+  from . import schema  # local: schema is only needed here
   schema.validate(sample)
   return sample
