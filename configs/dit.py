@@ -1,0 +1,112 @@
+r"""CVD-STORM diffusion transformer: the paper recipe, and a CPU-sized variant on the embedded synthetic clips.
+
+Paper recipe (SD3.5-medium MM-DiT + 12 temporal + 6 cross-view blocks + layout adapter; 19 frames x 6 views; buckets
+144x256 / 176x304 / 256x448; AdamW 6e-5 -> 1e-7 cosine; paper §4.1.3, OpenDWM C35), on a GPU node or TPU slice,
+from converted SD3.5 weights and precomputed text embeddings:
+
+  python -m cvd_storm_jax.train --config=configs/dit.py --workdir=$WORKDIR \
+      --config.data.root=/data/cvd_shards --config.init_from=/ckpt/sd35_medium_params \
+      --config.text.null_embedding=/data/text_emb
+
+Expect: about 4.1 B params; at 256x448 one clip is 51,072 image tokens (each image attends jointly with its 154 text
+tokens). Only the paper's schedule is given (no step count for the main model); OpenDWM's C35 trains 40k steps.
+
+Tiny variant (2-core CPU, a few minutes; the README's main-job command):
+
+  python -m cvd_storm_jax.train --config=configs/dit.py:tiny --workdir=/tmp/cvd_tiny
+
+Expect: loss starts near 2 (velocity MSE of unit-variance latents) and falls; TensorBoard events in
+$WORKDIR/tb, checkpoints in $WORKDIR/checkpoints, final metrics in $WORKDIR/final_metrics.json.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_sharding_rules():
+  """Logical axis -> mesh axes (MaxText style). Params: FSDP over 'fsdp' on the model width, tensor parallelism over
+  'tensor' on the MLP/heads/vocab dims. Activations: the batch over ('data', 'fsdp')."""
+  return [
+      ["batch", ["data", "fsdp"]],
+      ["embed", "fsdp"],
+      ["mlp", "tensor"],
+      ["heads", "tensor"],
+      ["vocab", "tensor"],
+      ["conv_out", "tensor"],
+      ["kv", None],
+      ["conv_in", None],
+      ["norm", None],
+      ["layers", None],
+      ["length", None],
+  ]
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  from cvd_storm_jax.data_pipelines.pipeline import default_data_config
+  from cvd_storm_jax.models.cvd_dit import default_model_config
+
+  tiny = arg == "tiny"
+  if arg not in ("", "tiny"):
+    raise ValueError(f"configs/dit.py takes '' (paper recipe) or 'tiny', got {arg!r}")
+  c = ml_collections.ConfigDict()
+  c.task = "dit"
+  c.seed = 0
+  c.total_steps = 200 if tiny else 40_000
+  c.log_every = 10 if tiny else 50
+  c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops (checkpoint intact)
+  c.progress_bar = True
+  c.multihost = not tiny  # jax.distributed.initialize() when a coordinator is set in the environment
+  c.init_from = ""  # a params file (python -m cvd_storm_jax.pretrained.sd3_transformer --src ... --out ...)
+
+  c.model = default_model_config("tiny" if tiny else "sd35_medium")
+  c.data = default_data_config("tiny" if tiny else "paper")
+
+  c.latents = ml_collections.ConfigDict()
+  c.latents.kind = "pixel_unshuffle" if tiny else "precomputed"
+  c.latents.projection_seed = 0
+
+  c.text = ml_collections.ConfigDict()
+  c.text.kind = "hashed_words" if tiny else "precomputed"
+  c.text.vocab_size = 512
+  c.text.max_length = 16
+  c.text.null_embedding = ""  # TextEmbeddingStore path holding the "" prompt (text.kind = precomputed)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.shift = 3.0
+  c.diffusion.logit_mean = 0.0
+  c.diffusion.logit_std = 1.0
+  c.diffusion.loss_form = "velocity"  # paper Eq. 4; "x0" = OpenDWM's sigma^2-weighted form
+  c.diffusion.loss_on_reference_frames = False
+
+  c.conditioning = ml_collections.ConfigDict()
+  c.conditioning.text_drop = 0.2
+  c.conditioning.box_drop = 0.2
+  c.conditioning.map_drop = 0.2
+  c.conditioning.generation_task_ratio = 0.25
+  c.conditioning.image_generation_ratio = 0.3
+  c.conditioning.reference_frame_counts = (1, 2, 3)
+  c.conditioning.reference_frame_probs = (0.1, 0.3, 0.6)
+  c.conditioning.reference_scale_std = 0.01
+  c.conditioning.reference_offset_std = 0.01
+  c.conditioning.crossview_drop = 0.1  # paper §4.1.3 drops cross-view blocks too; OpenDWM's C35 code does not (0.0)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.schedule = "cosine"  # "constant" = OpenDWM's released configs
+  c.optimizer.lr = 1e-3 if tiny else 6e-5
+  c.optimizer.end_lr = 1e-5 if tiny else 1e-7
+  c.optimizer.warmup_steps = 10 if tiny else 500
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.975
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.grad_clip = 1.0
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
+                                     {"data": 1, "fsdp": -1, "tensor": 1})
+  c.sharding_rules = default_sharding_rules()
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100 if tiny else 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+  return c

@@ -1,0 +1,243 @@
+"""The CVD-STORM diffusion task: rectified flow on multi-view video latents with text, layout, camera and reference
+frame conditioning (paper §3.3, §4.1.3; OpenDWM's C35 recipe where the paper is silent, cvd_storm_official.md).
+
+Per training sample (all choices drawn from the step's key, so a resumed run draws the same):
+- one sigma (logit-normal on SD3's shift-3 grid), shared by all frames and views;
+- a task: generation (prob. ``generation_task_ratio``; within it an image task with temporal blocks disabled,
+  prob. ``image_generation_ratio``) or prediction with k clean reference frames, k in ``reference_frame_counts``
+  drawn with ``reference_frame_probs``; reference latents get timestep 0 and a small scale/offset augmentation;
+- cross-view blocks disabled with prob. ``crossview_drop`` (the paper drops both kinds of blocks);
+- text, boxes and map each dropped with prob. 0.2 (for classifier-free guidance): text -> the empty prompt,
+  layout images -> grey 32/255 (OpenDWM's unconditioned layout colour).
+The loss is the paper's velocity MSE (or OpenDWM's x0 form), averaged over real views (view mask) and, by default,
+over the generated frames only (the reference frames' velocity target is undefined: their input holds no noise).
+
+Latents: ``latents.kind`` = "pixel_unshuffle" (a fixed, frozen orthogonal projection of 8x8 pixel patches to 16
+channels: a stand-in encoder for CPU runs before a VAE is plugged in) or "precomputed" (the batch carries ``latents``
+[B, T, V, h, w, 16] already normalised as SD3 does).
+Text: ``text.kind`` = "hashed_words" (a small trainable text embedder over hashed word ids, for the synthetic data)
+or "precomputed" (the batch carries ``text_tokens`` / ``pooled_text`` from the SD3 text encoders, see
+cvd_storm_jax/precompute_text.py; ``text.null_embedding`` names the store whose "" entry is the dropped prompt).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvd_storm_jax.diffusion import rectified_flow as rf
+from cvd_storm_jax.models import cvd_dit
+from cvd_storm_jax.models.embeddings import pixel_unshuffle
+
+LATENT_DOWNSAMPLE = 8
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def hashed_word_ids(captions: np.ndarray, vocab_size: int, length: int) -> np.ndarray:
+  """Captions [...] (str) -> int32 [..., length] word ids in [1, vocab_size) by CRC32 of lower-cased words; 0 pads.
+
+  A deterministic tokenizer with no files, for the synthetic data's small caption language.
+  """
+  flat = captions.reshape(-1)
+  out = np.zeros((flat.size, length), np.int32)
+  for i, text in enumerate(flat):
+    words = _WORD.findall(str(text).lower())[:length]
+    out[i, :len(words)] = [1 + zlib.crc32(w.encode()) % (vocab_size - 1) for w in words]
+  return out.reshape(captions.shape + (length,))
+
+
+class HashedWordsText(nn.Module):
+  """Trainable word-embedding text encoder: ids [..., L] -> (tokens [..., L, D], pooled [..., P])."""
+  vocab_size: int
+  width: int
+  pooled_width: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                       (self.vocab_size, self.width), self.param_dtype)
+    valid = (ids > 0)[..., None]
+    tokens = jnp.where(valid, table[ids], 0.0)
+    mean = tokens.sum(-2) / jnp.maximum(valid.sum(-2), 1)
+    pooled = nn.Dense(self.pooled_width, param_dtype=self.param_dtype, name="pooled",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)))(mean)
+    return tokens, pooled
+
+
+class DiTModel(nn.Module):
+  """The CVD DiT plus (optionally) its trainable text embedder: the params of the DiT task."""
+  model_cfg: Any
+  text_cfg: Any
+
+  def setup(self):
+    self.dit = cvd_dit.CVDDiT(**self.model_cfg)
+    if self.text_cfg.kind == "hashed_words":
+      self.text = HashedWordsText(self.text_cfg.vocab_size, self.model_cfg.joint_attention_dim,
+                                  self.model_cfg.pooled_projection_dim)
+
+  def encode_text(self, ids):
+    return self.text(ids)
+
+  def __call__(self, *args, **kwargs):
+    return self.dit(*args, **kwargs)
+
+
+def fixed_unshuffle_projection(out_channels: int, seed: int = 0) -> np.ndarray:
+  """[8*8*3, out_channels] orthonormal columns (scaled to unit-variance outputs for unit-variance pixels)."""
+  g = np.random.default_rng(seed).standard_normal((LATENT_DOWNSAMPLE ** 2 * 3, out_channels))
+  q, _ = np.linalg.qr(g)
+  return q.astype(np.float32)
+
+
+class DiTTask:
+  """See the module docstring. Params: {"dit": CVDDiT params[, "text": HashedWordsText params]}."""
+
+  def __init__(self, config: Any):
+    self.config = config
+    self.model = DiTModel(config.model, config.text)
+    self.cond = config.conditioning
+    self.diff = config.diffusion
+    if config.latents.kind == "pixel_unshuffle":
+      self.projection = fixed_unshuffle_projection(config.model.in_channels, config.latents.projection_seed)
+    elif config.latents.kind != "precomputed":
+      raise ValueError(f"config.latents.kind={config.latents.kind!r}; expected 'pixel_unshuffle' or 'precomputed'")
+    self.null_text = None
+    if config.text.kind == "precomputed":
+      from cvd_storm_jax.data_pipelines.text_store import TextEmbeddingStore
+      tokens, pooled = TextEmbeddingStore(config.text.null_embedding).lookup([""])
+      self.null_text = (np.asarray(tokens[0], np.float32), np.asarray(pooled[0], np.float32))
+    elif config.text.kind != "hashed_words":
+      raise ValueError(f"config.text.kind={config.text.kind!r}; expected 'hashed_words' or 'precomputed'")
+
+  # ---------------------------------------------------------------------------------------------------------------- #
+  def device_batch(self, host_batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    keys = ["box_images", "map_images", "camera_params", "view_adjacency", "view_mask"]
+    keys.append("latents" if self.config.latents.kind == "precomputed" else "images")
+    if self.config.text.kind == "precomputed":
+      keys += ["text_tokens", "pooled_text"]
+    missing = [k for k in keys if k not in host_batch]
+    if missing:
+      raise KeyError(f"the data pipeline's batch lacks {missing} needed by the DiT task "
+                     f"(latents.kind={self.config.latents.kind}, text.kind={self.config.text.kind})")
+    out = {k: np.asarray(host_batch[k]) for k in keys}
+    if self.config.text.kind == "hashed_words":
+      out["caption_ids"] = hashed_word_ids(np.asarray(host_batch["captions"], dtype=object),
+                                           self.config.text.vocab_size, self.config.text.max_length)
+    return out
+
+  def _latents(self, batch) -> jax.Array:
+    if self.config.latents.kind == "precomputed":
+      return batch["latents"].astype(jnp.float32)
+    x = batch["images"].astype(jnp.float32) / 127.5 - 1.0  # [B, T, V, H, W, 3]
+    return pixel_unshuffle(x, LATENT_DOWNSAMPLE) @ jnp.asarray(self.projection)
+
+  def forward(self, params, batch, x_t, timesteps, text_drop, box_drop, map_drop, disable_temporal,
+              disable_crossview):
+    """Velocity prediction with the given noisy latents and per-sample condition drops."""
+    B = x_t.shape[0]
+    if self.config.text.kind == "hashed_words":
+      ids = jnp.where(text_drop[:, None, None, None], 0, batch["caption_ids"])
+      tokens, pooled = self.model.apply({"params": params}, ids, method=DiTModel.encode_text)
+    else:
+      tokens, pooled = batch["text_tokens"].astype(jnp.float32), batch["pooled_text"].astype(jnp.float32)
+      b = (B,) + (1,) * (tokens.ndim - 1)
+      tokens = jnp.where(text_drop.reshape(b), jnp.asarray(self.null_text[0]), tokens)
+      pooled = jnp.where(text_drop.reshape((B,) + (1,) * (pooled.ndim - 1)), jnp.asarray(self.null_text[1]), pooled)
+    grey = jnp.float32(32.0 / 255.0)
+    bshape = (B,) + (1,) * (batch["box_images"].ndim - 1)
+    boxes = jnp.where(box_drop.reshape(bshape), grey, batch["box_images"].astype(jnp.float32) / 255.0)
+    maps = jnp.where(map_drop.reshape(bshape), grey, batch["map_images"].astype(jnp.float32) / 255.0)
+    layout = jnp.concatenate([boxes, maps], axis=-1) if self.config.model.get("num_adapter_blocks", 1) else None
+    return self.model.apply({"params": params}, x_t, timesteps, tokens, pooled, layout,
+                            batch["camera_params"].astype(jnp.float32), batch["view_adjacency"].astype(bool),
+                            disable_temporal, disable_crossview)
+
+  # ---------------------------------------------------------------------------------------------------------------- #
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]):
+    x0 = self._latents(batch)
+    B, T, V = x0.shape[:3]
+    false = jnp.zeros((B,), bool)
+    params_rng, _ = jax.random.split(rng)
+    if self.config.text.kind == "hashed_words":
+      tokens = jnp.zeros(batch["caption_ids"].shape + (self.config.model.joint_attention_dim,))
+      pooled = jnp.zeros((B, T, V, self.config.model.pooled_projection_dim))
+    else:
+      tokens, pooled = batch["text_tokens"].astype(jnp.float32), batch["pooled_text"].astype(jnp.float32)
+    layout = jnp.zeros(x0.shape[:3] + (x0.shape[3] * LATENT_DOWNSAMPLE, x0.shape[4] * LATENT_DOWNSAMPLE, 6))
+    variables = self.model.init(params_rng, x0, jnp.zeros((B, T, V)), tokens, pooled, layout,
+                                batch["camera_params"].astype(jnp.float32), batch["view_adjacency"].astype(bool),
+                                false, false)
+    params = variables["params"]
+    if self.config.text.kind == "hashed_words":
+      text_vars = self.model.init(params_rng, batch["caption_ids"], method=DiTModel.encode_text)
+      params = dict(params, **text_vars["params"])
+    return params
+
+  def loss_fn(self, params, batch, rng, step):
+    del step
+    cond, diff = self.cond, self.diff
+    x0 = self._latents(batch)
+    B, T, V = x0.shape[:3]
+    keys = jax.random.split(rng, 10)
+    sigma = rf.sample_training_sigmas(keys[0], (B,), shift=diff.shift, logit_mean=diff.logit_mean,
+                                      logit_std=diff.logit_std)
+    eps = jax.random.normal(keys[1], x0.shape, jnp.float32)
+    generation = jax.random.bernoulli(keys[2], cond.generation_task_ratio, (B,))
+    image_task = generation & jax.random.bernoulli(keys[3], cond.image_generation_ratio, (B,))
+    k = jnp.asarray(cond.reference_frame_counts)[
+        jax.random.choice(keys[4], len(cond.reference_frame_counts), (B,), p=jnp.asarray(cond.reference_frame_probs))]
+    k = jnp.where(generation, 0, jnp.minimum(k, T - 1))
+    is_ref = jnp.arange(T)[None, :] < k[:, None]  # [B, T]
+    scale = 1.0 + cond.reference_scale_std * jax.random.normal(keys[5], (B, T))
+    offset = cond.reference_offset_std * jax.random.normal(keys[6], (B, T))
+    x_ref = x0 * scale[:, :, None, None, None, None] + offset[:, :, None, None, None, None]
+    ref6 = is_ref[:, :, None, None, None, None]
+    x_t = jnp.where(ref6, x_ref, rf.add_noise(x0, eps, sigma))
+    timesteps = jnp.where(is_ref[:, :, None], 0.0, (sigma * 1000.0)[:, None, None]) * jnp.ones((B, T, V))
+    drops = jax.random.bernoulli(keys[7], jnp.asarray([cond.text_drop, cond.box_drop, cond.map_drop]), (B, 3))
+    disable_crossview = jax.random.bernoulli(keys[8], cond.crossview_drop, (B,))
+    v = self.forward(params, batch, x_t.astype(x0.dtype), timesteps, drops[:, 0], drops[:, 1], drops[:, 2],
+                     image_task, disable_crossview)
+    err = rf.per_element_loss(v, x0, eps, sigma, form=diff.loss_form)
+    if diff.loss_on_reference_frames:
+      # C35 keeps reference frames in the loss; their sensible target is zero velocity (the input is already clean).
+      err = jnp.where(ref6, jnp.square(v.astype(jnp.float32)), err)
+      frame_w = jnp.ones((B, T))
+    else:
+      frame_w = (~is_ref).astype(jnp.float32)
+    w = frame_w[:, :, None] * batch["view_mask"].astype(jnp.float32)[:, None, :]  # [B, T, V]
+    per_image = err.mean(axis=(3, 4, 5))
+    loss = (per_image * w).sum() / jnp.maximum(w.sum(), 1.0)
+    metrics = {"sigma_mean": sigma.mean(), "reference_frames_mean": k.astype(jnp.float32).mean(),
+               "image_task_frac": image_task.mean(), "crossview_dropped_frac": disable_crossview.mean()}
+    return loss, metrics
+
+  def trainable_mask(self, params):
+    return None
+
+  def _latent_shape(self, batch) -> tuple[int, ...]:
+    if "latents" in batch:
+      return tuple(batch["latents"].shape)
+    B, T, V, H, W, _ = batch["images"].shape
+    return (B, T, V, H // LATENT_DOWNSAMPLE, W // LATENT_DOWNSAMPLE, self.config.model.in_channels)
+
+  def flops_per_step(self, batch) -> float:
+    B, T, V, h, w, _ = self._latent_shape(batch)
+    text_len = (batch["caption_ids"].shape[-1] if "caption_ids" in batch else batch["text_tokens"].shape[-2])
+    return 3.0 * B * cvd_dit.flops_per_clip(self.config.model, T, V, h, w, text_len)
+
+  def tokens_per_step(self, batch) -> int:
+    """Image tokens (2x2 latent patches) per step."""
+    B, T, V, h, w, _ = self._latent_shape(batch)
+    p = self.config.model.patch_size
+    return B * T * V * (h // p) * (w // p)
+
+
+def make_task(config: Any) -> DiTTask:
+  return DiTTask(config)

@@ -1,0 +1,284 @@
+r"""The one trainer: every task (the CVD-STORM DiT, STORM-VAE) trains through this file.
+
+  python -m cvd_storm_jax.train --config=configs/dit.py:tiny --workdir=/tmp/cvd_tiny
+  python -m cvd_storm_jax.train --config=configs/dit.py --workdir=gs://.../run1 --config.optimizer.lr=1e-4
+
+A linear program in named sections (big_vision's habit): setup, mesh, task and data, shapes first, optimizer and
+state shardings, state (fresh / init_from / resumed), the jitted update, the loop with logging, checkpointing,
+preemption and non-finite handling. Restarting in the same workdir resumes from the latest checkpoint, with the data
+iterator at the same position, and ends with exactly the params of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/dit.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics go.")
+
+log = logging.getLogger("cvd_storm_jax.train")
+
+
+def _optimizer(opt_cfg: Any, total_steps: int, trainable_mask: Any):
+  """AdamW with linear warmup and cosine decay (paper §4.1.3: 6e-5 -> 1e-7) or a constant rate (OpenDWM), gradient
+  clipping, and no update at all for frozen params."""
+  import optax
+  warmup = int(opt_cfg.warmup_steps)
+  if opt_cfg.schedule == "cosine":
+    decay_steps = max(total_steps - warmup, 1)
+    after = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps, alpha=opt_cfg.end_lr / opt_cfg.lr)
+  elif opt_cfg.schedule == "constant":
+    after = optax.constant_schedule(opt_cfg.lr)
+  else:
+    raise ValueError(f"config.optimizer.schedule={opt_cfg.schedule!r}; expected 'cosine' or 'constant'")
+  lr = optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), after], [warmup]) if warmup else after
+  parts = []
+  if opt_cfg.grad_clip:
+    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+  parts.append(optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+                           mask=trainable_mask))
+  tx = optax.chain(*parts)
+  if trainable_mask is not None:
+    import jax
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, lr
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) training; returns the final metrics. Importable for tests; ``main`` wraps it."""
+  # ------------------------------------------------------------------------------------------------------------------
+  # Setup.
+  # ------------------------------------------------------------------------------------------------------------------
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax.core import meta
+
+  from cvd_storm_jax import checkpoint as ckpt_lib
+  from cvd_storm_jax import sharding, tasks
+  from cvd_storm_jax.data_pipelines import pipeline
+
+  if config.get("multihost", False) and jax.process_count() == 1 and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+  jax.config.update("jax_threefry_partitionable", True)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Mesh.
+  # ------------------------------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  dp = sharding.data_parallel_size(mesh)
+  if config.data.batch_size % dp:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel size "
+                     f"{dp} of mesh {dict(mesh.shape)}")
+  log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Task and data.
+  # ------------------------------------------------------------------------------------------------------------------
+  task = tasks.get_task(config)
+
+  def new_iterator():
+    return pipeline.make_iterator(config.data, seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+  probe = task.device_batch(next(new_iterator()))  # a throw-away iterator: shapes only, the real one stays unread
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Shapes first, then shardings.
+  # ------------------------------------------------------------------------------------------------------------------
+  def as_global(host_batch):
+    return sharding.host_to_global(host_batch, mesh)
+
+  abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
+                    for k, v in probe.items()}
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  with mesh, nn.logical_axis_rules(rules):
+    boxed_params = jax.eval_shape(task.init, init_rng, abstract_batch)
+  param_shardings = sharding.tree_shardings(boxed_params, mesh, rules)
+  abstract_params = meta.unbox(boxed_params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  log.info("model: %.2fM params", num_params / 1e6)
+
+  trainable = task.trainable_mask(abstract_params)
+  tx, lr_schedule = _optimizer(config.optimizer, config.total_steps, trainable)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimizer moments follow their params' shardings; scalars (counts) are replicated.
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh))
+  repl = sharding.replicated(mesh)
+  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
+                     "nonfinite_total": repl, "nonfinite_run": repl}
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # State: fresh, or init_from a params file, or resumed from the workdir.
+  # ------------------------------------------------------------------------------------------------------------------
+  def fresh_state(rng):
+    # init needs shapes only: zeros stand in for a batch (no host batch is consumed, whatever the mesh).
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch)
+    params = meta.unbox(task.init(rng, batch))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "nonfinite_total": jnp.zeros((), jnp.int32), "nonfinite_run": jnp.zeros((), jnp.int32)}
+
+  manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                                  async_save=config.checkpoint.async_save)
+  data_iter = new_iterator()
+  abstract_state = jax.eval_shape(fresh_state, init_rng)
+  restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_like(abstract_state, state_shardings), data_iter)
+  if restored is not None:
+    start_step, state = restored
+    log.info("resumed at step %d", start_step)
+  else:
+    start_step = 0
+    with mesh, nn.logical_axis_rules(rules):
+      state = jax.jit(fresh_state, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):
+      loaded = ckpt_lib.load_params(config.init_from)
+      host_params = jax.device_get(state["params"])
+      merged, fresh_paths = ckpt_lib.merge_params(host_params, loaded, what=f"init_from={config.init_from}")
+      log.info("init_from %s: %d params loaded, %d initialised fresh", config.init_from,
+               len(jax.tree.leaves(loaded)), len(fresh_paths))
+      params = jax.device_put(merged, param_shardings)
+      state = dict(state, params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # The update step.
+  # ------------------------------------------------------------------------------------------------------------------
+  def update(state, batch, rng):
+    step_rng = jax.random.fold_in(rng, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], batch, step_rng,
+                                                                             state["step"])
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    # A non-finite loss or gradient never reaches the params: keep the old params and moments, count the step.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+    }
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
+                   param_norm=optax.global_norm(state["params"]), nonfinite_total=new_state["nonfinite_total"],
+                   nonfinite_run=new_state["nonfinite_run"])
+    return new_state, metrics
+
+  batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in abstract_batch.items()}
+  with mesh, nn.logical_axis_rules(rules):
+    update_fn = jax.jit(update, in_shardings=(state_shardings, batch_shardings, repl),
+                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Logging and preemption.
+  # ------------------------------------------------------------------------------------------------------------------
+  writer = None
+  if is_main:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tb"))
+  preempted = {"flag": False}
+
+  def on_sigterm(signum, frame):
+    del frame
+    log.warning("signal %d: saving a checkpoint after this step and exiting", signum)
+    preempted["flag"] = True
+
+  old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # The loop.
+  # ------------------------------------------------------------------------------------------------------------------
+  from tqdm import tqdm
+  total = int(config.total_steps)
+  bar = tqdm(total=total, initial=start_step, disable=not is_main or not config.get("progress_bar", True),
+             dynamic_ncols=True, desc="train")
+  last = {}
+  step = start_step
+  t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
+  try:
+    while step < total:
+      host = task.device_batch(next(data_iter))
+      flops_since += task.flops_per_step(host)
+      tokens_since += task.tokens_per_step(host)
+      with mesh, nn.logical_axis_rules(rules):
+        state, metrics = update_fn(state, as_global(host), train_rng)
+      step += 1
+      steps_since += 1
+      bar.update(1)
+      stop_nonfinite = False
+      if step % config.log_every == 0 or step == total or preempted["flag"]:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t_last
+        metrics.update({"steps_per_s": steps_since / dt, "tokens_per_s": tokens_since / dt,
+                        "model_tflops_per_s_per_device": flops_since / dt / 1e12 / jax.device_count()})
+        t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
+        last = dict(metrics, step=step)
+        if is_main:
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+          log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+          for k, v in metrics.items():
+            writer.add_scalar(f"train/{k}", v, step)
+          writer.flush()
+        if metrics["nonfinite_run"] > config.max_consecutive_nonfinite:
+          stop_nonfinite = True
+      if step % config.checkpoint.every_steps == 0 or step == total or preempted["flag"] or stop_nonfinite:
+        ckpt_lib.save(manager, step, state, data_iter, force=True)
+      if stop_nonfinite:
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f"{int(last['nonfinite_run'])} consecutive non-finite steps at step {step}; the params were not "
+            f"updated by them and a checkpoint of them is in {workdir}")
+      if preempted["flag"]:
+        log.warning("preempted at step %d; checkpoint saved", step)
+        break
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    signal.signal(signal.SIGTERM, old_handler)
+    if writer is not None:
+      writer.close()
+
+  if is_main and last:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(last, f, indent=1)
+    print(f"final step {last['step']}: loss {last['loss']:.6f}", flush=True)
+  return last
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      stream=sys.stderr)
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/dit.py:tiny")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
