@@ -113,11 +113,13 @@ def iter_records(path: str | os.PathLike, *, verify: bool = True) -> Iterator[by
       offset += _HEADER.size + length + _FOOTER.size
 
 
-def index_records(path: str | os.PathLike, *, verify_headers: bool = True) -> list[tuple[int, int]]:
-  """Scans the record headers of ``path`` and returns ``[(offset, length)]`` for random access.
+def scan_records(path: str | os.PathLike, *, verify_headers: bool = True
+                 ) -> tuple[list[tuple[int, int]], TFRecordError | None]:
+  """Scans the record headers of ``path``: ``([(offset, length)] of the readable records, error or None)``.
 
-  Only the headers (and the file size) are checked here; ``read_record`` checks the payload CRC.
-  Raises TFRecordError on a corrupt header or a record that runs past the end of the file.
+  Stops at the first corrupt header or record that runs past the end of the file and returns that error instead of
+  raising, so a reader can still use the records before a truncation (a partly downloaded segment). Only headers
+  (and the file size) are checked here; ``read_record`` checks the payload CRC.
   """
   path = os.fspath(path)
   size = os.path.getsize(path)
@@ -126,15 +128,26 @@ def index_records(path: str | os.PathLike, *, verify_headers: bool = True) -> li
     offset = 0
     while True:
       f.seek(offset)
-      length = _read_header(f, path, offset, verify_headers)
+      try:
+        length = _read_header(f, path, offset, verify_headers)
+      except TFRecordError as e:
+        return out, e
       if length is None:
-        return out
+        return out, None
       end = offset + _HEADER.size + length + _FOOTER.size
       if end > size:
-        raise TFRecordError(f"{path}: truncated record at byte offset {offset} "
-                            f"(record needs {end - offset} bytes, file has {size - offset} left)")
+        return out, TFRecordError(f"{path}: truncated record at byte offset {offset} "
+                                  f"(record needs {end - offset} bytes, file has {size - offset} left)")
       out.append((offset, length))
       offset = end
+
+
+def index_records(path: str | os.PathLike, *, verify_headers: bool = True) -> list[tuple[int, int]]:
+  """``[(offset, length)]`` of every record of ``path`` for random access; TFRecordError if any is damaged."""
+  out, error = scan_records(path, verify_headers=verify_headers)
+  if error is not None:
+    raise error
+  return out
 
 
 def read_record(path: str | os.PathLike, offset: int, *, verify: bool = True) -> bytes:

@@ -84,3 +84,12 @@ def test_truncated_header_is_caught(tmp_path):
     f.write(struct.pack("<I", 7))  # Half a header.
   with pytest.raises(tfrecord.TFRecordError, match="truncated record header at byte offset 17"):
     list(tfrecord.iter_records(path))
+
+
+def test_scan_keeps_records_before_truncation(tmp_path):
+  path = _write(tmp_path, [b"a" * 10, b"b" * 10, b"c" * 10])
+  path.write_bytes(path.read_bytes()[:-3])
+  index, error = tfrecord.scan_records(path)
+  assert [o for o, _ in index] == [0, 26]
+  assert isinstance(error, tfrecord.TFRecordError) and "offset 52" in str(error)
+  assert tfrecord.read_record(path, 26) == b"b" * 10

@@ -1,0 +1,156 @@
+"""Waymo v1 reader on a synthetic segment written in the real format (tests/waymo_fixture.py)."""
+import numpy as np
+import pytest
+
+import waymo_fixture as wf
+from cvd_storm_jax.data_pipelines import geometry, readers, schema, waymo
+
+HW = (16, 24)
+
+
+@pytest.fixture(scope="module")
+def segment_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("waymo")
+  wf.write_segment(d, "ctxA", 5)
+  return d
+
+
+@pytest.fixture(scope="module")
+def reader(segment_dir):
+  return waymo.WaymoReader(segment_dir, clip_frames=3, image_size=HW, max_points=64, max_boxes=4)
+
+
+@pytest.fixture(scope="module")
+def sample(reader):
+  return reader.read_clip("ctxA@1")
+
+
+def test_clips_and_schema(reader, sample):
+  assert reader.list_clips() == ["ctxA@0", "ctxA@1", "ctxA@2"]
+  dims = schema.validate(sample)
+  assert (dims["T"], dims["V"], dims["H"], dims["W"]) == (3, 6, *HW)
+  assert sample["dataset"] == "waymo" and sample["clip_id"] == "ctxA@1"
+  np.testing.assert_allclose(sample["timestamps"], [0.0, 0.1, 0.2], atol=1e-9)
+  assert sample["fps"] == 10.0
+
+
+def test_view_slots_and_images(sample):
+  np.testing.assert_array_equal(sample["view_mask"], [1, 1, 1, 0, 1, 1])
+  # Slot order FRONT, FRONT_RIGHT, SIDE_RIGHT, empty, SIDE_LEFT, FRONT_LEFT (camera names 1, 3, 5, -, 4, 2).
+  for slot, cam in enumerate(waymo.VIEW_CAMERAS):
+    pix = sample["images"][0, slot, 8, 12].astype(int)
+    if cam is None:
+      assert np.all(sample["images"][:, slot] == 0)
+      assert sample["captions"][0, slot] == ""
+    else:
+      np.testing.assert_allclose(pix, wf.CAMERA_COLORS[cam], atol=3)
+      assert sample["captions"][0, slot] == "Day driving scene in San Francisco, sunny weather."
+  np.testing.assert_array_equal(sample["original_size"][0], [48, 32])
+  np.testing.assert_array_equal(sample["original_size"][2], [48, 24])
+
+
+def test_calibration_conversion_by_hand(sample):
+  # FRONT_RIGHT (Waymo name 3) in slot 1. Waymo camera axes (x fwd, y left, z up) -> OpenCV (x right, y down, z fwd).
+  e = wf.camera_extrinsic(3)
+  c2e = sample["cam_to_ego"][0, 1].astype(np.float64)
+  np.testing.assert_allclose(c2e[:3, 2], e[:3, 0], atol=1e-6)    # OpenCV z (forward) = Waymo x.
+  np.testing.assert_allclose(c2e[:3, 0], -e[:3, 1], atol=1e-6)   # OpenCV x (right) = -Waymo y.
+  np.testing.assert_allclose(c2e[:3, 1], -e[:3, 2], atol=1e-6)   # OpenCV y (down) = -Waymo z.
+  np.testing.assert_allclose(c2e[:3, 3], e[:3, 3], atol=1e-6)
+  # A point 10 m straight ahead of the camera projects to the principal point.
+  ahead = e[:3, 3] + 10 * e[:3, 0]
+  uv, z, valid = geometry.project_ego_points(ahead[None], sample["intrinsics"][0, 1], c2e)
+  np.testing.assert_allclose(z, [10.0], atol=1e-5)
+  k = sample["intrinsics"][0, 1]
+  np.testing.assert_allclose(uv[0], k[:2, 2], atol=1e-4)
+  # K: f_u = 43 at width 48 -> width 24 halves it; c_u = 24.5 -> (24.5 + 0.5) / 2 - 0.5 (pixel-centre convention).
+  np.testing.assert_allclose(k[0, 0], 43.0 * 24 / 48, rtol=1e-6)
+  np.testing.assert_allclose(k[1, 1], 44.0 * 16 / 32, rtol=1e-6)
+  np.testing.assert_allclose(k[0, 2], (24.5 + 0.5) * 0.5 - 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(sample["intrinsics"][0, 3], np.eye(3))
+
+
+def test_pose_and_boxes_by_hand(sample):
+  for t in range(3):
+    np.testing.assert_allclose(sample["ego_to_world"][t], wf.ego_pose(t + 1), atol=1e-4)
+  # SIGN dropped; VEHICLE -> car, PEDESTRIAN -> pedestrian; sorted by distance (pedestrian at 5 m first).
+  frame = 1
+  got = {int(c): b for c, b, m in zip(sample["box_class"][0], sample["boxes"][0], sample["box_mask"][0]) if m}
+  want = {schema.BOX_CLASSES.index("car"): wf.boxes(frame)[0][2],
+          schema.BOX_CLASSES.index("pedestrian"): wf.boxes(frame)[1][2]}
+  assert set(got) == set(want)
+  for c in want:
+    np.testing.assert_allclose(got[c], want[c], atol=1e-6)
+  assert sample["box_mask"].sum(1).tolist() == [2, 2, 2]
+  car = sample["box_class"] == schema.BOX_CLASSES.index("car")
+  ids = sample["box_track_id"][car]
+  assert np.all(ids == waymo.track_id("car_a")) and ids.size == 3
+
+
+def _expected_top_point() -> np.ndarray:
+  """The TOP return by hand: vehicle azimuth of column c is ((W - c - 0.5) / W * 2 - 1) * pi (the extrinsic yaw is
+  subtracted from the azimuth, then added back by the extrinsic rotation); row 0 is the highest beam."""
+  r, c, rng = wf.TOP_RETURN
+  h, w = wf.TOP_HW
+  incl = wf.TOP_INCLINATIONS[::-1][r]
+  az_vehicle = ((w - c - 0.5) / w * 2 - 1) * np.pi
+  direction = np.array([np.cos(az_vehicle) * np.cos(incl), np.sin(az_vehicle) * np.cos(incl), np.sin(incl)])
+  return wf.TOP_EXTRINSIC_T + rng * direction
+
+
+def test_lidar_return_at_known_range_azimuth_inclination(reader):
+  frame = reader.read_frame("ctxA", 2)
+  expected = _expected_top_point()
+  d = np.linalg.norm(frame["lidar_points"] - expected, axis=1)
+  assert d.min() < 1e-4, (frame["lidar_points"], expected)
+  # Four auxiliary lasers with one return each at range 5, inclination row 0 of a uniform [-0.5, 0.5] 2-row image.
+  assert len(frame["lidar_points"]) == 5
+  aux = frame["lidar_points"][np.argsort(d)[1:]]
+  incl = -0.5 + 1.5 / 2 * 1.0  # Uniform at row centres, reversed: row 0 = the highest = min + 1.5/2 * (max-min).
+  az = ((4 - 1 - 0.5) / 4 * 2 - 1) * np.pi
+  want = np.array([2.0, 0.0, 1.0]) + 5.0 * np.array([np.cos(az) * np.cos(incl), np.sin(az) * np.cos(incl),
+                                                      np.sin(incl)])
+  np.testing.assert_allclose(aux, np.tile(want, (4, 1)), atol=1e-4)
+
+
+def test_per_pixel_pose_is_applied(tmp_path):
+  # A TOP pixel pose 1 m further along world x than the frame pose moves the point by R_frame^T [1, 0, 0].
+  wf.write_segment(tmp_path, "ctxS", 1, pixel_pose_shift=(1.0, 0.0, 0.0))
+  r = waymo.WaymoReader(tmp_path, clip_frames=1, image_size=HW, lasers=("TOP",))
+  pts = r.read_frame("ctxS", 0)["lidar_points"]
+  shift = wf.ego_pose(0)[:3, :3].T @ np.array([1.0, 0.0, 0.0])
+  np.testing.assert_allclose(pts, (_expected_top_point() + shift)[None], atol=1e-4)
+
+
+def test_uniform_inclinations_when_list_empty():
+  class Calib:
+    name, beam_inclinations, beam_inclination_min, beam_inclination_max = 2, [], -0.4, 0.4
+  incl = waymo.beam_inclinations(Calib, 4)
+  np.testing.assert_allclose(incl, [0.3, 0.1, -0.1, -0.3])
+
+
+def test_map_in_world_frame(sample):
+  # map_pose_offset is added to points to align them with the map, so map -> world subtracts it. Lane centres are
+  # left out by default (OpenDWM draws road edges, road lines and crosswalks).
+  lines = {int(c): p[m] for p, c, m in zip(sample["map_points"], sample["map_class"], sample["map_mask"]) if c >= 0}
+  src = dict((k, p) for k, p in wf.map_lines())
+  assert sorted(lines) == [0, 1, 2]
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("road_edge")], src["road_edge"] - wf.MAP_OFFSET)
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("lane_line")], src["road_line"] - wf.MAP_OFFSET)
+  closed = np.concatenate([src["crosswalk"], src["crosswalk"][:1]]) - wf.MAP_OFFSET
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("crosswalk")], closed)
+
+
+def test_bad_inputs_raise_reader_error(tmp_path):
+  wf.write_segment(tmp_path, "bad", 4, corrupt_jpeg_frame=1, missing_camera_frame=2)
+  path = tmp_path / "segment-bad_with_camera_labels.tfrecord"
+  path.write_bytes(path.read_bytes()[:-10])  # Truncate the last frame.
+  r = waymo.WaymoReader(tmp_path, clip_frames=1, image_size=HW)
+  assert r.scene_length("bad") == 4
+  r.read_frame("bad", 0)
+  with pytest.raises(readers.ReaderError, match="^corrupt image"):
+    r.read_frame("bad", 1)
+  with pytest.raises(readers.ReaderError, match="^missing sensor.*SIDE_LEFT"):
+    r.read_frame("bad", 2)
+  with pytest.raises(readers.ReaderError, match="^truncated record"):
+    r.read_frame("bad", 3)
