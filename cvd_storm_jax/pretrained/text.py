@@ -1,0 +1,92 @@
+"""Importers for SD3.5's text encoders from transformers ``save_pretrained`` folders.
+
+``load_clip(folder)`` reads a ``CLIPTextModelWithProjection`` folder (SD3.5's ``text_encoder`` = CLIP-L,
+``text_encoder_2`` = CLIP-G); ``load_t5(folder)`` a ``T5EncoderModel`` folder (``text_encoder_3`` = T5-XXL). Both
+build the module config from ``config.json`` and return ``(module, params)`` with params checked leaf by leaf against
+the module's ``param_shapes`` (a wrong folder, a missing key or a shape mismatch raises ``WeightImportError``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvd_storm_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
+from cvd_storm_jax.models.t5 import T5Config, T5EncoderModel
+from cvd_storm_jax.pretrained.common import Rule, WeightImportError, convert, linear, param_shapes, read_folder
+
+CLIP_RULES = (
+    Rule(r"text_model\.embeddings\.token_embedding\.weight", "token_embedding/embedding"),
+    Rule(r"text_model\.embeddings\.position_embedding\.weight", "position_embedding"),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+         r"layers_\1/self_attn/\2/kernel", linear),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias",
+         r"layers_\1/self_attn/\2/bias"),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.weight", r"layers_\1/mlp/\2/kernel", linear),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.bias", r"layers_\1/mlp/\2/bias"),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale"),
+    Rule(r"text_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias"),
+    Rule(r"text_model\.final_layer_norm\.weight", "final_layer_norm/scale"),
+    Rule(r"text_model\.final_layer_norm\.bias", "final_layer_norm/bias"),
+    Rule(r"text_projection\.weight", "text_projection/kernel", linear),
+)
+# Old checkpoints saved the non-persistent position_ids buffer.
+CLIP_IGNORE = (r"text_model\.embeddings\.position_ids",)
+
+T5_RULES = (
+    Rule(r"shared\.weight", "shared/embedding"),
+    Rule(r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "relative_attention_bias"),
+    Rule(r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight",
+         r"block_\1/layer_0/SelfAttention/\2/kernel", linear),
+    Rule(r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"block_\1/layer_0/layer_norm/weight"),
+    Rule(r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight",
+         r"block_\1/layer_1/DenseReluDense/\2/kernel", linear),
+    Rule(r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"block_\1/layer_1/layer_norm/weight"),
+    Rule(r"encoder\.final_layer_norm\.weight", "final_layer_norm/weight"),
+)
+
+
+def _check_model_type(config: dict[str, Any], want: tuple[str, ...], folder: str) -> None:
+  got = config.get("model_type")
+  if got not in want:
+    raise WeightImportError(f"{folder!r}: config.json has model_type {got!r}, expected one of {want}")
+
+
+def load_clip(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+              ) -> tuple[CLIPTextModelWithProjection, dict]:
+  """Imports a ``CLIPTextModelWithProjection`` folder. Returns (module, params) with params in ``param_dtype``."""
+  config, state = read_folder(folder)
+  _check_model_type(config, ("clip_text_model", "clip"), folder)
+  if "text_config" in config:  # a full CLIPModel (vision + text) is a different checkpoint layout
+    raise WeightImportError(f"{folder!r} holds a full CLIPModel; save the CLIPTextModelWithProjection instead")
+  cfg = CLIPTextConfig.from_hf(config)
+  model = CLIPTextModelWithProjection(cfg, dtype=dtype, param_dtype=param_dtype)
+  shapes = param_shapes(model.init, jax.random.key(0), jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
+  params = convert(state, CLIP_RULES, shapes, ignore=CLIP_IGNORE, dtype=param_dtype, what=f"CLIP folder {folder!r}")
+  return model, params
+
+
+def load_t5(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> tuple[T5EncoderModel, dict]:
+  """Imports a ``T5EncoderModel`` folder (the encoder of a full T5 checkpoint works too; its decoder is skipped)."""
+  config, state = read_folder(folder)
+  _check_model_type(config, ("t5", "umt5"), folder)
+  if config.get("model_type") == "umt5":
+    raise WeightImportError(f"{folder!r}: UMT5 has per-layer position biases, which this T5 encoder does not model")
+  cfg = T5Config.from_hf(config)
+  state = dict(state)
+  # The input embedding is tied: checkpoints hold "shared.weight", "encoder.embed_tokens.weight", or both (equal).
+  tied = state.pop("encoder.embed_tokens.weight", None)
+  if tied is not None:
+    if "shared.weight" not in state:
+      state["shared.weight"] = tied
+    elif tied.shape != state["shared.weight"].shape or not np.array_equal(tied, state["shared.weight"]):
+      raise WeightImportError(f"{folder!r}: 'encoder.embed_tokens.weight' {tuple(tied.shape)} differs from the tied "
+                              f"'shared.weight' {tuple(state['shared.weight'].shape)}")
+  model = T5EncoderModel(cfg, dtype=dtype, param_dtype=param_dtype)
+  shapes = param_shapes(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  params = convert(state, T5_RULES, shapes, ignore=(r"decoder\..*", r"lm_head\..*"), dtype=param_dtype,
+                   what=f"T5 folder {folder!r}")
+  return model, params
+
