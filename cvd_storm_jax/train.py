@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -54,8 +54,12 @@ def _optimizer(opt_cfg: Any, total_steps: int, trainable_mask: Any):
   return tx, lr
 
 
-def train(config: Any, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) training; returns the final metrics. Importable for tests; ``main`` wraps it."""
+def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+  """Runs (or resumes) training; returns the last logged metrics. ``main`` wraps it.
+
+  ``after_step(step)`` is called on the host after each step is dispatched (tests use it to deliver a SIGTERM at a
+  chosen step, exactly as a preemption would).
+  """
   # ------------------------------------------------------------------------------------------------------------------
   # Setup.
   # ------------------------------------------------------------------------------------------------------------------
@@ -191,10 +195,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # ------------------------------------------------------------------------------------------------------------------
   # Logging and preemption.
   # ------------------------------------------------------------------------------------------------------------------
-  writer = None
+  writer = jsonl = None
   if is_main:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tb"))
+    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # one JSON line per logged step
   preempted = {"flag": False}
 
   def on_sigterm(signum, frame):
@@ -224,6 +229,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       step += 1
       steps_since += 1
       bar.update(1)
+      if after_step is not None:
+        after_step(step)
       stop_nonfinite = False
       if step % config.log_every == 0 or step == total or preempted["flag"]:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -238,6 +245,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
           for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, step)
           writer.flush()
+          jsonl.write(json.dumps(last) + "\n")
+          jsonl.flush()
         if metrics["nonfinite_run"] > config.max_consecutive_nonfinite:
           stop_nonfinite = True
       if step % config.checkpoint.every_steps == 0 or step == total or preempted["flag"] or stop_nonfinite:
@@ -257,6 +266,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     signal.signal(signal.SIGTERM, old_handler)
     if writer is not None:
       writer.close()
+      jsonl.close()
 
   if is_main and last:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
