@@ -55,7 +55,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every = 10 if tiny else 50
   c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops (checkpoint intact)
   c.progress_bar = True
-  c.multihost = not tiny  # jax.distributed.initialize() when a coordinator is set in the environment
   c.init_from = ""  # a params file (python -m cvd_storm_jax.pretrained.sd3_transformer --src ... --out ...)
 
   c.model = default_model_config("tiny" if tiny else "sd35_medium")

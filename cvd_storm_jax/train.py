@@ -74,7 +74,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   from cvd_storm_jax import sharding, tasks
   from cvd_storm_jax.data_pipelines import pipeline
 
-  if config.get("multihost", False) and jax.process_count() == 1 and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  if os.environ.get("CVD_DISTRIBUTED") == "1":
+    # Multi-host (set by launch/*): must come before any backend use. Cluster auto-detection (SLURM, Cloud TPU,
+    # or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment) fills in the layout.
     jax.distributed.initialize()
   jax.config.update("jax_threefry_partitionable", True)
   is_main = jax.process_index() == 0
