@@ -1,0 +1,175 @@
+"""ArrayRecord converter + grain source on tiny Waymo and OpenDV data in their real on-disk formats."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import waymo_fixture as wf
+from cvd_storm_jax.data_pipelines import arrayrecord_source, convert, opendv, schema, waymo
+
+HW = (16, 24)
+WAYMO_KW = dict(max_points=64, max_boxes=4)
+
+
+@pytest.fixture(scope="module")
+def waymo_root(tmp_path_factory):
+  d = tmp_path_factory.mktemp("waymo_src")
+  wf.write_segment(d, "ctxA", 5)
+  wf.write_segment(d, "ctxB", 4)
+  wf.write_segment(d, "badjpeg", 4, corrupt_jpeg_frame=3)
+  wf.write_segment(d, "nocam", 4, missing_camera_frame=0)
+  path = wf.write_segment(d, "trunc", 4)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 7)
+  return d
+
+
+def _convert(root, out, **kw):
+  return convert.convert("waymo", str(root), str(out), image_size=HW, clip_frames=3, reader_kwargs=WAYMO_KW,
+                         progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def waymo_out(waymo_root, tmp_path_factory):
+  out = tmp_path_factory.mktemp("waymo_out")
+  summary = _convert(waymo_root, out)
+  return out, summary
+
+
+def _assert_same_sample(got, want):
+  assert set(want) <= set(got)
+  for k, v in want.items():
+    if k == "images":
+      assert np.abs(got[k].astype(int) - v).max() <= 3  # JPEG loss on solid colours.
+    elif isinstance(v, np.ndarray):
+      assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+    else:
+      assert got[k] == v, k
+
+
+def test_summary_counts_skips(waymo_out):
+  _, summary = waymo_out
+  assert summary["scenes_total"] == 5 and summary["scenes_converted"] == 5
+  assert summary["skipped"] == {"corrupt_image": 1, "missing_sensor": 1, "truncated_record": 1}
+  # ctxA: 3 clips; ctxB: 2; badjpeg (frame 3 bad): 1; nocam (frame 0 bad): 1; trunc (frame 3 lost): 1.
+  assert summary["clips"] == 8
+  assert summary["records"] == 5 + 4 + 3 + 3 + 3
+
+
+def test_index_and_files(waymo_out):
+  out, _ = waymo_out
+  index = json.loads((out / "index.json").read_text())
+  assert sorted(index["clips"]) == ["badjpeg@0", "ctxA@0", "ctxA@1", "ctxA@2", "ctxB@0", "ctxB@1", "nocam@1",
+                                    "trunc@0"]
+  assert [r for _, r in index["clips"]["ctxA@2"]["frames"]] == [2, 3, 4]
+  assert [r for _, r in index["clips"]["nocam@1"]["frames"]] == [0, 1, 2]  # Frame 0 skipped: records shift.
+  assert not os.listdir(out / "tmp")
+  assert summary_file_matches(out)
+
+
+def summary_file_matches(out):
+  return json.loads((out / "summary.json").read_text())["clips"] == 8
+
+
+def test_source_equals_reader(waymo_root, waymo_out):
+  out, _ = waymo_out
+  source = arrayrecord_source.ArrayRecordClipSource(out)
+  reader = waymo.WaymoReader(waymo_root, clip_frames=3, image_size=HW, **WAYMO_KW)
+  assert len(source) == 8
+  for i in range(len(source)):
+    got = source[i]
+    schema.validate(got)
+    scene, _, start = source.clip_id(i).rpartition("@")
+    if scene == "nocam":
+      # Frame 0 of "nocam" was skipped, so its stored clip @1 is reader frames 1..3.
+      want = reader.read_clip("nocam@1")
+    else:
+      want = reader.read_clip(source.clip_id(i))
+    _assert_same_sample(got, want)
+  # Map, boxes and LiDAR really present (not trivially equal empties).
+  s = source[source._clip_ids.index("ctxA@1")]
+  assert s["map_mask"].any() and s["box_mask"].any() and s["lidar_mask"].any()
+
+
+def test_never_a_sample_across_a_bad_frame(waymo_out):
+  out, _ = waymo_out
+  index = json.loads((out / "index.json").read_text())
+  for cid, entry in index["clips"].items():
+    frames = [r for _, r in entry["frames"]]
+    assert frames == list(range(frames[0], frames[0] + 3)), cid
+
+
+def _tree_bytes(out):
+  files = {}
+  for sub in ("shards", "maps", "scenes"):
+    for name in sorted(os.listdir(out / sub)):
+      files[f"{sub}/{name}"] = (out / sub / name).read_bytes()
+  for name in ("index.json", "summary.json"):
+    files[name] = (out / name).read_bytes()
+  return files
+
+
+def test_kill_and_restart_gives_same_output(waymo_root, waymo_out, tmp_path):
+  out, _ = waymo_out
+  with pytest.raises(convert.SimulatedKill):
+    _convert(waymo_root, tmp_path, fail_after_scenes=2)
+  assert len(os.listdir(tmp_path / "scenes")) == 2
+  assert os.listdir(tmp_path / "tmp")  # The killed scene's half-written shard, not in shards/.
+  assert len(os.listdir(tmp_path / "shards")) == 2
+  summary = _convert(waymo_root, tmp_path)
+  assert summary["scenes_converted"] == 5
+  assert _tree_bytes(tmp_path) == _tree_bytes(out)
+
+
+def test_env_var_kill(waymo_root, tmp_path, monkeypatch):
+  monkeypatch.setenv(convert.FAIL_ENV, "0")
+  with pytest.raises(convert.SimulatedKill):
+    _convert(waymo_root, tmp_path)
+  assert not os.listdir(tmp_path / "scenes") and not os.listdir(tmp_path / "shards")
+
+
+def test_frame_record_round_trip():
+  rng = np.random.default_rng(0)
+  frame = {
+      "images": np.broadcast_to((np.arange(16)[:, None, None] * 8 + np.arange(16)[None, :, None] * 4
+                                 + np.array([0, 40, 80])).astype(np.uint8), (6, 16, 16, 3)).copy(),
+      "view_mask": np.array([1, 0, 1, 1, 1, 1], bool),
+      "intrinsics": rng.normal(size=(6, 3, 3)).astype(np.float32),
+      "cam_to_ego": rng.normal(size=(6, 4, 4)).astype(np.float32),
+      "ego_to_world": rng.normal(size=(4, 4)).astype(np.float32), "timestamp": 0.123456789,
+      "boxes": rng.normal(size=(2, 7)).astype(np.float32), "box_class": np.array([1, 4], np.int32),
+      "box_track_id": np.array([7, 9], np.int32), "lidar_points": rng.normal(size=(5, 3)).astype(np.float32),
+      "captions": np.array(["a", "", "ü", "d", "e", "f"], dtype=object),
+  }
+  got = convert.decode_frame(convert.encode_frame(frame, "s", 3))
+  assert got["scene"] == "s" and got["frame_index"] == 3 and got["timestamp"] == frame["timestamp"]
+  for k in ("view_mask", "intrinsics", "cam_to_ego", "ego_to_world", "boxes", "box_class", "box_track_id",
+            "lidar_points", "captions"):
+    assert np.array_equal(got[k], frame[k]) and got[k].dtype == frame[k].dtype, k
+  assert np.all(got["images"][1] == 0) and np.abs(got["images"][0].astype(int) - frame["images"][0]).mean() < 3
+  assert b"pickle" not in convert.encode_frame(frame, "s", 3)
+
+
+def test_cli_opendv(tmp_path):
+  import test_opendv
+  root = test_opendv.write_dataset(tmp_path / "src")
+  out = tmp_path / "out"
+  assert convert.main(["--dataset", "opendv", "--root", str(root), "--out", str(out), "--image-size", "24x32",
+                       "--clip-frames", "5", "--clip-stride", "10", "--no-progress"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["clips"] == 2 and summary["records"] == 20 and summary["skipped_total"] == 0
+  source = arrayrecord_source.ArrayRecordClipSource(out)
+  reader = opendv.OpenDVReader(root, clip_frames=5, image_size=(24, 32))
+  for i in range(len(source)):
+    got, want = source[i], reader.read_clip(source.clip_id(i))
+    assert np.abs(got["images"].astype(int) - want["images"]).max() <= 4
+    _assert_same_sample({k: v for k, v in got.items() if k != "images"},
+                        {k: v for k, v in want.items() if k != "images"})
+
+
+def test_unknown_dataset_and_bad_size():
+  with pytest.raises(ValueError, match="unknown dataset"):
+    convert.convert("kitti", "/nonexistent", "/tmp/x")
+  with pytest.raises(SystemExit):
+    convert.main(["--dataset", "waymo", "--root", "x", "--out", "y", "--image-size", "256"])
