@@ -15,12 +15,12 @@ Tokenisation follows diffusers too: both CLIPs pad to ``max_length`` = the CLIP-
 mask. Without a T5 encoder its part is zeros of width ``joint_dim``, as diffusers does when ``text_encoder_3`` is None.
 
 Tokenizers are transformers' own (``CLIPTokenizer``/``T5Tokenizer`` loaded from the local tokenizer folders, never
-the network), so token ids are the reference ids by construction; they need the ``text`` extra.
+the network, by ``cvd_storm_jax.pretrained.text.load_sd3_text_encoders``), so token ids are the reference ids by
+construction; they need the ``text`` extra. Any object with the transformers tokenizer call signature works.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -29,26 +29,6 @@ import numpy as np
 
 from cvd_storm_jax.models.clip import CLIPTextModelWithProjection
 from cvd_storm_jax.models.t5 import T5EncoderModel
-
-# Sub-folders of a diffusers SD3/SD3.5 checkpoint root.
-SD3_FOLDERS = {
-    "clip_l": ("text_encoder", "tokenizer"),
-    "clip_g": ("text_encoder_2", "tokenizer_2"),
-    "t5": ("text_encoder_3", "tokenizer_3"),
-}
-
-
-def load_clip_tokenizer(folder: str) -> Any:
-  """transformers ``CLIPTokenizer`` from a local folder (vocab.json + merges.txt or tokenizer.json)."""
-  from transformers import CLIPTokenizer
-  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def load_t5_tokenizer(folder: str) -> Any:
-  """transformers ``T5Tokenizer`` (= T5TokenizerFast) from a local folder (spiece.model or tokenizer.json)."""
-  from transformers import T5Tokenizer
-  return T5Tokenizer.from_pretrained(folder, local_files_only=True)
-
 
 def join_clip_t5(clip: jax.Array, t5: jax.Array) -> jax.Array:
   """diffusers' SD3 join: clip [B, 77, Dl + Dg] zero-padded on channels to t5's width, then put before
@@ -79,24 +59,6 @@ class SD3TextEncoders:
         raise ValueError("a T5 encoder needs its params and tokenizer")
       self.joint_dim = self.t5.config.d_model
     self._jitted = {}
-
-  @classmethod
-  def from_pretrained(cls, root: str, *, load_t5: bool = True, dtype: Any = jnp.float32,
-                      param_dtype: Any = jnp.float32, joint_dim: int = 4096) -> "SD3TextEncoders":
-    """From a diffusers SD3/SD3.5 root (text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/ sub-folders)."""
-    from cvd_storm_jax.pretrained.text import load_clip, load_t5  # pretrained/ imports models/, not the reverse
-    parts: dict[str, Any] = {}
-    for key, (enc_dir, tok_dir) in SD3_FOLDERS.items():
-      if key == "t5" and not load_t5:
-        continue
-      enc_dir, tok_dir = os.path.join(root, enc_dir), os.path.join(root, tok_dir)
-      if key == "t5":
-        parts["t5"], parts["t5_params"] = load_t5(enc_dir, dtype=dtype, param_dtype=param_dtype)
-        parts["tokenizer_t5"] = load_t5_tokenizer(tok_dir)
-      else:
-        parts[key], parts[f"{key}_params"] = load_clip(enc_dir, dtype=dtype, param_dtype=param_dtype)
-        parts[f"tokenizer_{key[-1]}"] = load_clip_tokenizer(tok_dir)
-    return cls(**parts, joint_dim=joint_dim)
 
   @property
   def clip_length(self) -> int:

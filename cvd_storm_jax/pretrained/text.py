@@ -4,9 +4,11 @@
 ``text_encoder_2`` = CLIP-G); ``load_t5(folder)`` a ``T5EncoderModel`` folder (``text_encoder_3`` = T5-XXL). Both
 build the module config from ``config.json`` and return ``(module, params)`` with params checked leaf by leaf against
 the module's ``param_shapes`` (a wrong folder, a missing key or a shape mismatch raises ``WeightImportError``).
+``load_sd3_text_encoders(root)`` loads all three plus their tokenizers from a diffusers SD3/SD3.5 root.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ import numpy as np
 
 from cvd_storm_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
 from cvd_storm_jax.models.t5 import T5Config, T5EncoderModel
+from cvd_storm_jax.models.text_encoders import SD3TextEncoders
 from cvd_storm_jax.pretrained.common import Rule, WeightImportError, convert, linear, param_shapes, read_folder
 
 CLIP_RULES = (
@@ -90,3 +93,48 @@ def load_t5(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.flo
                    what=f"T5 folder {folder!r}")
   return model, params
 
+
+
+# Sub-folders of a diffusers SD3/SD3.5 checkpoint root.
+SD3_FOLDERS = {
+    "clip_l": ("text_encoder", "tokenizer"),
+    "clip_g": ("text_encoder_2", "tokenizer_2"),
+    "t5": ("text_encoder_3", "tokenizer_3"),
+}
+
+
+def load_clip_tokenizer(folder: str) -> Any:
+  """transformers ``CLIPTokenizer`` from a local folder (vocab.json + merges.txt, or tokenizer.json); no network."""
+  if not os.path.isdir(folder):
+    raise WeightImportError(f"tokenizer folder {folder!r} does not exist")
+  from transformers import CLIPTokenizer
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_t5_tokenizer(folder: str) -> Any:
+  """transformers ``T5Tokenizer`` (= T5TokenizerFast) from a local folder (spiece.model or tokenizer.json)."""
+  if not os.path.isdir(folder):
+    raise WeightImportError(f"tokenizer folder {folder!r} does not exist")
+  from transformers import T5Tokenizer
+  return T5Tokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_sd3_text_encoders(root: str, *, with_t5: bool = True, dtype: Any = jnp.float32,
+                           param_dtype: Any = jnp.float32, joint_dim: int = 4096) -> SD3TextEncoders:
+  """The SD3 text stack from a diffusers SD3/SD3.5 root (text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/).
+
+  with_t5=False skips T5-XXL (its part of the conditioning is then zeros of width ``joint_dim``, as in diffusers).
+  """
+  if not os.path.isdir(root):
+    raise WeightImportError(f"SD3 weights root {root!r} does not exist")
+  parts: dict[str, Any] = {}
+  for key, (enc_dir, tok_dir) in SD3_FOLDERS.items():
+    enc_dir, tok_dir = os.path.join(root, enc_dir), os.path.join(root, tok_dir)
+    if key == "t5":
+      if with_t5:
+        parts["t5"], parts["t5_params"] = load_t5(enc_dir, dtype=dtype, param_dtype=param_dtype)
+        parts["tokenizer_t5"] = load_t5_tokenizer(tok_dir)
+    else:
+      parts[key], parts[f"{key}_params"] = load_clip(enc_dir, dtype=dtype, param_dtype=param_dtype)
+      parts["tokenizer_" + key[-1]] = load_clip_tokenizer(tok_dir)
+  return SD3TextEncoders(**parts, joint_dim=joint_dim)
