@@ -61,12 +61,12 @@ CITY_NAMES = {"PIT": "Pittsburgh", "WDC": "Washington DC", "MIA": "Miami", "ATX"
               "DTW": "Detroit"}
 
 
-def _read_feather(path: str) -> dict[str, list]:
+def _read_feather(path: str, what: str = "file (feather)") -> dict[str, list]:
   import pyarrow.feather as feather  # local: pyarrow is an optional ("data") dependency
   try:
     return feather.read_table(path).to_pydict()
   except FileNotFoundError as e:
-    raise ReaderError("missing feather file", path) from e
+    raise ReaderError(f"missing {what}", path) from e
   except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for truncated or corrupt files.
     raise ReaderError(f"corrupt feather file ({type(e).__name__}: {e})", path) from e
 
@@ -330,7 +330,7 @@ class Argoverse2Reader(ClipReader):
       box_frames.append((np.asarray(rows, np.float64).reshape(-1, 7), np.asarray(cls, np.int32), uuids))
       if self.load_lidar:
         lpath = os.path.join(d, "sensors", "lidar", f"{lt}.feather")
-        table = _read_feather(lpath)
+        table = _read_feather(lpath, "sensor file (LiDAR)")
         _require(table, ("x", "y", "z"), lpath)
         pts = np.stack([np.asarray(table[c], np.float32) for c in ("x", "y", "z")], -1)
         if not np.all(np.isfinite(pts)):

@@ -106,6 +106,8 @@ def read_pcd_bin(path: str) -> np.ndarray:
   """x, y, z [N, 3] float32 of a nuScenes ``.pcd.bin`` (float32 x5: x, y, z, intensity, ring)."""
   try:
     data = np.fromfile(path, dtype=np.uint8)
+  except FileNotFoundError as e:
+    raise ReaderError("missing sensor file (LiDAR)", path) from e
   except OSError as e:
     raise ReaderError(f"cannot read LiDAR file ({e.strerror})", path) from e
   if data.size == 0 or data.size % 20:

@@ -61,6 +61,8 @@ def read_jpeg(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
   try:
     with open(path, "rb") as f:
       data = f.read()
+  except FileNotFoundError as e:
+    raise ReaderError("missing sensor file (image)", path) from e
   except OSError as e:
     raise ReaderError(f"cannot read image ({e.strerror})", path) from e
   try:

@@ -187,7 +187,11 @@ def test_missing_camera_file(tmp_path):
   os.remove(p)
   with pytest.raises(ReaderError) as e:
     r.read_clip(r.list_clips()[0])
-  assert e.value.path == p
+  assert e.value.path == p and str(e.value).startswith("missing sensor file")
+  r = Argoverse2Reader(log.root, num_frames=8, cameras=("ring_front_left",) + (None,) * 5, **SIZES)
+  os.remove(os.path.join(log.log_dir, "sensors", "lidar", f"{log.lidar_times[0]}.feather"))
+  with pytest.raises(ReaderError, match="missing sensor file"):
+    r.read_clip(r.list_clips()[0])
 
 
 def test_truncated_lidar(tmp_path):
