@@ -33,7 +33,6 @@ Without a file: "Driving in <city>." for every view.
 """
 from __future__ import annotations
 
-import bisect
 import glob
 import json
 import os
@@ -42,7 +41,8 @@ import numpy as np
 
 from . import geometry, schema
 from .readers import (ClipReader, ReaderError, check_sample, crop_polylines_near, format_caption, pack_boxes,
-                      pack_lidar, pack_polylines, pose_matrix, quat_to_matrix, read_jpeg, resample_nearest, yaw_of)
+                      nearest_indices, pack_lidar, pack_polylines, pose_matrix, quat_to_matrix, read_jpeg,
+                      resample_nearest, yaw_of)
 
 CAMERAS = ("ring_front_left", "ring_front_right", "ring_side_right", "ring_rear_right", "ring_rear_left",
            "ring_side_left")
@@ -122,29 +122,20 @@ class Argoverse2Reader(ClipReader):
   def _index_log(self, log: str) -> None:
     """Clip frames from file names only: per frame {"lidar": ts, camera: ts}."""
     base = os.path.join(self.root, log, "sensors")
-    lidar = _timestamps(os.path.join(base, "lidar"), ".feather")
-    cams = {c: _timestamps(os.path.join(base, "cameras", c), ".jpg") for c in self.cameras if c is not None}
-    if not lidar:
+    lidar = np.asarray(_timestamps(os.path.join(base, "lidar"), ".feather"), np.int64)
+    cams = {c: np.asarray(_timestamps(os.path.join(base, "cameras", c), ".jpg"), np.int64)
+            for c in self.cameras if c is not None}
+    if lidar.size == 0 or any(ts.size == 0 for ts in cams.values()):
       return
-    times = np.asarray(lidar, np.float64) * 1e-9
+    # Nearest image of every camera to every sweep, and whether it is within half a frame interval.
+    near = {c: ts[nearest_indices(ts, lidar)] for c, ts in cams.items()}
+    ok = np.all([np.abs(n - lidar) * 1e-9 <= 0.5 / self.fps for n in near.values()], axis=0)
+    times = lidar * 1e-9
     k = 0
     while times[0] + k * self.clip_stride_s + (self.num_frames - 1) / self.fps <= times[-1] + 0.5 / self.fps:
       idx = resample_nearest(times, times[0] + k * self.clip_stride_s, self.num_frames, self.fps)
-      frames = None if idx is None or len(set(idx.tolist())) != self.num_frames else []
-      for i in (idx if frames is not None else []):
-        frame = {"lidar": lidar[i]}
-        for c, ts in cams.items():
-          j = bisect.bisect_left(ts, lidar[i])
-          cands = [x for x in (j - 1, j) if 0 <= x < len(ts)]
-          best = min(cands, key=lambda x: abs(ts[x] - lidar[i])) if cands else None
-          if best is None or abs(ts[best] - lidar[i]) * 1e-9 > 0.5 / self.fps:
-            frames = None
-            break
-          frame[c] = ts[best]
-        if frames is None:
-          break
-        frames.append(frame)
-      if frames is not None:
+      if idx is not None and len(set(idx.tolist())) == self.num_frames and ok[idx].all():
+        frames = [dict({"lidar": int(lidar[i])}, **{c: int(n[i]) for c, n in near.items()}) for i in idx]
         self._clips[f"{log}/{k:04d}"] = (log, frames)
       k += 1
 
@@ -269,10 +260,8 @@ class Argoverse2Reader(ClipReader):
     rows = self._captions.get((log, cam))
     if not rows:
       return ""
-    times = [r[0] for r in rows]
-    j = bisect.bisect_left(times, ts)
-    cands = [x for x in (j - 1, j) if 0 <= x < len(rows)]
-    return rows[min(cands, key=lambda x: abs(times[x] - ts))][1]
+    j = int(nearest_indices(np.asarray([r[0] for r in rows], np.int64), np.asarray([ts]))[0])
+    return rows[j][1]
 
   # ---------------------------------------------------------------- clips
   def read_clip(self, clip_id: str) -> dict:

@@ -21,8 +21,8 @@ is already OpenCV (x right, y down, z forward).
 Boxes (in the reference ego frame, for the frame's CAM_FRONT image):
   * A keyframe image (is_key_frame): every annotation of its sample (as the devkit and OpenDWM pair them; the
     sample time is the lidar's, a few tens of ms from the image).
-  * A sweep image at time t between samples s0 <= t < s1: ASAP's "interp" rule (MagicDrive / UniMLVG's 12 Hz labels): only instances
-    annotated in both s0 and s1; centre and size linearly interpolated, rotation slerped (shortest arc) with
+  * A sweep image at time t between samples s0 <= t < s1: ASAP's "interp" rule (MagicDrive / UniMLVG's 12 Hz
+    labels): only instances annotated in both s0 and s1; centre and size linearly interpolated, rotation slerped (shortest arc) with
     a = (t - t0) / (t1 - t0). Instances leaving or entering between two keyframes are absent in between. (The
     devkit's ``get_boxes`` instead keeps entering instances at their s1 box; on instances of both keyframes the
     two agree, which the tests check.)
@@ -59,9 +59,9 @@ from typing import Any
 import numpy as np
 
 from . import geometry, schema
-from .readers import (ClipReader, ReaderError, check_sample, crop_polylines_near, format_caption, pack_boxes,
-                      pack_lidar, pack_polylines, pose_matrix, quat_slerp, quat_to_matrix, read_jpeg,
-                      resample_nearest, yaw_of)
+from .readers import (ClipReader, ReaderError, check_sample, crop_polylines_near, format_caption,
+                      nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix, quat_slerp,
+                      quat_to_matrix, read_jpeg, resample_nearest, yaw_of)
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 LIDAR = "LIDAR_TOP"
@@ -203,7 +203,9 @@ class NuScenesReader(ClipReader):
           if self.keyframes_only:
             rows = [r for r in rows if r["is_key_frame"]]
         streams[ch] = rows
+      stream_times = {ch: np.asarray([r["timestamp"] for r in rows], np.int64) for ch, rows in streams.items()}
       self._scenes[scene["name"]] = {"scene": scene, "samples": samples, "streams": streams,
+                                     "stream_times": stream_times,
                                      "sample_times": [s["timestamp"] for s in samples]}
     # Clip enumeration from timestamps only (cheap; files are touched in read_clip).
     self._clips: dict[str, tuple[str, list[dict]]] = {}
@@ -224,28 +226,17 @@ class NuScenesReader(ClipReader):
     idx = resample_nearest(front_times, start, self.num_frames, self.fps)
     if idx is None or len(set(idx.tolist())) != self.num_frames:
       return None
-    frames = []
-    for i in idx:
-      ref = sc["streams"][CAMERAS[0]][i]
-      frame = {CAMERAS[0]: ref}
-      channels = CAMERAS[1:] + ((LIDAR,) if self.load_lidar else ())
-      for ch in channels:
-        rows = sc["streams"][ch]
-        j = self._nearest(rows, ref["timestamp"])
-        if j is None or abs(rows[j]["timestamp"] - ref["timestamp"]) * 1e-6 > 0.5 / self.fps:
-          return None
-        frame[ch] = rows[j]
-      frames.append(frame)
-    return frames
-
-  @staticmethod
-  def _nearest(rows: list[dict], ts: int) -> int | None:
-    if not rows:
-      return None
-    times = [r["timestamp"] for r in rows]
-    j = bisect.bisect_left(times, ts)
-    cands = [c for c in (j - 1, j) if 0 <= c < len(rows)]
-    return min(cands, key=lambda c: abs(times[c] - ts))
+    ref_us = sc["stream_times"][CAMERAS[0]][idx]
+    picks = {CAMERAS[0]: idx}
+    for ch in CAMERAS[1:] + ((LIDAR,) if self.load_lidar else ()):
+      times = sc["stream_times"][ch]
+      if times.size == 0:
+        return None
+      j = nearest_indices(times, ref_us)
+      if np.any(np.abs(times[j] - ref_us) * 1e-6 > 0.5 / self.fps):
+        return None
+      picks[ch] = j
+    return [{ch: sc["streams"][ch][j[t]] for ch, j in picks.items()} for t in range(self.num_frames)]
 
   def list_clips(self) -> list[str]:
     return list(self._clips)
@@ -383,7 +374,7 @@ class NuScenesReader(ClipReader):
     rows = self._captions.get(scene_name, {}).get(channel)
     if not rows:
       return ""
-    j = self._nearest([{"timestamp": r[0]} for r in rows], ts)
+    j = int(nearest_indices(np.asarray([r[0] for r in rows], np.int64), np.asarray([ts]))[0])
     return rows[j][1]
 
   def metadata_caption(self, scene_name: str) -> str:

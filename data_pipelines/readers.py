@@ -12,6 +12,7 @@ a reader never returns a sample built from partial data.
 Shared helpers (used by all readers so that padding and resampling behave the same everywhere):
   ``read_jpeg``          decode (and optionally resize) an image file, ReaderError on a bad file.
   ``resample_nearest``   pick source frames nearest to t0 + i / fps (OpenDWM ``enumerate_segments`` rule).
+  ``nearest_indices``    vectorised nearest-timestamp lookup.
   ``pack_boxes``, ``pack_lidar``, ``pack_polylines``   pad per-frame lists to the fixed schema sizes.
   ``crop_polylines_near``  keep the map parts within a radius of the ego path.
   ``quat_to_matrix``, ``pose_matrix``, ``quat_slerp``, ``yaw_of``   (w, x, y, z) quaternion poses (nuScenes, AV2).
@@ -129,6 +130,23 @@ def format_caption(value) -> str:
   raise ValueError(f"caption entry must be a str or a dict of fields, got {type(value).__name__}")
 
 
+def nearest_indices(source_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Index of the nearest source time for each target (ties go to the earlier one).
+
+  Args:
+    source_times: [N] increasing (N >= 1); targets: [M] in the same unit.
+  Returns:
+    int [M].
+  """
+  source_times = np.asarray(source_times)
+  targets = np.asarray(targets)
+  if source_times.size == 0:
+    raise ValueError("nearest_indices needs at least one source time")
+  right = np.clip(np.searchsorted(source_times, targets), 0, source_times.size - 1)
+  left = np.maximum(right - 1, 0)
+  return np.where(np.abs(source_times[left] - targets) <= np.abs(source_times[right] - targets), left, right)
+
+
 def resample_nearest(source_times: np.ndarray, start_time: float, num_frames: int,
                      fps: float) -> np.ndarray | None:
   """Indices of the source frames nearest to ``start_time + i / fps``, i < num_frames.
@@ -143,11 +161,7 @@ def resample_nearest(source_times: np.ndarray, start_time: float, num_frames: in
   if source_times.size == 0:
     return None
   targets = start_time + np.arange(num_frames) / fps
-  right = np.clip(np.searchsorted(source_times, targets), 1, max(source_times.size - 1, 1))
-  left = right - 1
-  if source_times.size == 1:
-    left = right = np.zeros_like(right)
-  pick = np.where(np.abs(source_times[left] - targets) <= np.abs(source_times[right] - targets), left, right)
+  pick = nearest_indices(source_times, targets)
   if np.any(np.abs(source_times[pick] - targets) > 0.5 / fps + 1e-6):
     return None
   return pick
