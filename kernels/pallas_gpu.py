@@ -1,0 +1,246 @@
+"""Pallas (Triton lowering on GPU, interpreter elsewhere) forward/backward compositing kernels.
+
+Projection, binning and sorting are the XLA code of `tiled_xla` (sorting is a radix sort there already); this module
+replaces the per-tile compositing. Layout:
+- Before the kernels, XLA gathers the splat parameters into depth-sorted per-intersection arrays (structure of
+  arrays: mean x, mean y, conic a, b, c, opacity, depth [M + chunk], features [M + chunk, Cp], Cp = C padded to a
+  power of two). The kernels then read contiguous memory only; the padding of `chunk` slots lets the last chunk of
+  the last tile read past its end without a bounds mask (those reads are masked out by `i < end`).
+- Grid: one program per 16x16 tile (all K images' tiles in one 1-D grid); the program holds its 256 pixels as vectors
+  (one lane per pixel, i.e. one thread per pixel with num_warps = 8) and walks its [start, end) list in chunks of
+  `chunk` splats with a scalar loop inside each chunk (each splat's parameters are a broadcast scalar load from L1,
+  which is what gsplat's shared-memory staging buys). The chunk loop is a while loop that stops when every pixel
+  of the tile is done (gsplat's `__syncthreads_count` early exit): no host synchronisation, no dynamic shapes.
+- Backward: the same walk, front to back, recomputing T exactly as the forward kernel does (identical termination
+  decisions); the contribution of the splats behind splat i is total - prefix (see `tiled_xla`). Each intersection
+  belongs to exactly one tile, so each program writes its own slots of per-intersection gradient buffers (no
+  atomics, deterministic; slots a tile never reaches keep the zeros of the aliased input), and XLA reduces them with
+  `segment_sum`. That works identically in the interpreter and on Triton (atomics do not interpret everywhere).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import projection as pj
+from .tiled_xla import Geometry, Intersections, Splats, make_composite
+
+_ANY = pl.no_block_spec
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _compiler_params(interpret: bool):
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=8, num_stages=1)
+
+
+def _squeezed():
+  return getattr(pl, "squeezed", None)
+
+
+def _gather_sorted(splats: Splats, isect: Intersections, chunk: int):
+  """Per-intersection SoA arrays in sorted order, padded by `chunk` slots. Returns (scalars tuple, features)."""
+  kn, n = splats.depths.shape[0], splats.opacities.shape[0]
+  c = splats.features.shape[1]
+  cp = _next_pow2(c)
+  gid = jnp.concatenate([isect.gid, jnp.full((chunk,), kn, jnp.int32)])
+  ok = gid < kn
+  g = jnp.minimum(gid, kn - 1)
+  gn = g % n
+
+  def take(x):
+    return jnp.where(ok, x, 0.0)
+
+  scal = (take(splats.means2d[g, 0]), take(splats.means2d[g, 1]), take(splats.conics[g, 0]),
+          take(splats.conics[g, 1]), take(splats.conics[g, 2]), take(splats.opacities[gn]), take(splats.depths[g]))
+  feat = jnp.where(ok[:, None], splats.features[gn], 0.0)
+  feat = jnp.pad(feat, ((0, 0), (0, cp - c)))
+  return scal, feat
+
+
+def _pixel_coords(t, geom: Geometry, dtype):
+  local = t % geom.tiles_per_image
+  tx, ty = local % geom.tiles_x, local // geom.tiles_x
+  lane = jnp.arange(geom.pixels_per_tile, dtype=jnp.int32)
+  px = (tx * geom.tile_size + lane % geom.tile_size).astype(dtype) + 0.5
+  py = (ty * geom.tile_size + lane // geom.tile_size).astype(dtype) + 0.5
+  return px, py
+
+
+def _load_splat(i, refs):
+  mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref = refs
+  return mx_ref[i], my_ref[i], ca_ref[i], cb_ref[i], cc_ref[i], op_ref[i], z_ref[i]
+
+
+def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
+                out_f_ref, out_d_ref, out_t_ref, *, geom: Geometry):
+  t = pl.program_id(0)
+  start, end = start_ref[t], end_ref[t]
+  dt = out_d_ref.dtype
+  px, py = _pixel_coords(t, geom, dt)
+  p, cp = geom.pixels_per_tile, out_f_ref.shape[-1]
+  chunk = geom.chunk
+  n_chunks = (end - start + chunk - 1) // chunk
+  splat_refs = (mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref)
+
+  def splat_step(j, state, c):
+    tr, active, acc_f, acc_d = state
+    i = start + c * chunk + j
+    mx, my, ca, cb, cc, op, z = _load_splat(i, splat_refs)
+    alpha, _, _ = pj.gaussian_alpha(px - mx, py - my, ca, cb, cc, op)
+    alpha = jnp.where(active & (i < end), alpha, 0.0)
+    next_t = tr * (1.0 - alpha)
+    stop = (alpha > 0) & (next_t <= pj.T_EPS)
+    use = (alpha > 0) & ~stop
+    w = jnp.where(use, alpha * tr, 0.0)
+    acc_f = acc_f + w[:, None] * f_ref[i, :][None, :]
+    acc_d = acc_d + w * z
+    return jnp.where(use, next_t, tr), active & ~stop, acc_f, acc_d
+
+  def cond(carry):
+    c, n_active = carry[0], carry[1]
+    return (c < n_chunks) & (n_active > 0)
+
+  def body(carry):
+    c, _, tr, active, acc_f, acc_d = carry
+    tr, active, acc_f, acc_d = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c),
+                                                 (tr, active, acc_f, acc_d))
+    return c + 1, jnp.sum(active.astype(jnp.int32)), tr, active, acc_f, acc_d
+
+  init = (jnp.int32(0), jnp.int32(p), jnp.ones((p,), dt), jnp.ones((p,), jnp.bool_), jnp.zeros((p, cp), dt),
+          jnp.zeros((p,), dt))
+  _, _, tr, _, acc_f, acc_d = jax.lax.while_loop(cond, body, init)
+  out_f_ref[...] = acc_f
+  out_d_ref[...] = acc_d
+  out_t_ref[...] = tr
+
+
+def _bwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
+                d_tot_ref, t_fin_ref, gf_ref, gf_tot_ref, gd_ref, gt_ref, *rest, geom: Geometry):
+  # rest: 8 aliased zero inputs, then the 8 outputs (d mean x, d mean y, d conic a, b, c, d opacity, d depth,
+  # d features); only the outputs are touched.
+  outs = rest[8:]
+  g_refs, gc_ref = outs[:7], outs[7]
+  t = pl.program_id(0)
+  start, end = start_ref[t], end_ref[t]
+  dt = d_tot_ref.dtype
+  px, py = _pixel_coords(t, geom, dt)
+  p = geom.pixels_per_tile
+  chunk = geom.chunk
+  n_chunks = (end - start + chunk - 1) // chunk
+  splat_refs = (mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref)
+  d_tot, t_fin, g_f, gf_tot, g_d = d_tot_ref[...], t_fin_ref[...], gf_ref[...], gf_tot_ref[...], gd_ref[...]
+  gt_term = gt_ref[...] * t_fin
+
+  def splat_step(j, state, c):
+    tr, active, pre_f, pre_d = state
+    i = start + c * chunk + j
+    mx, my, ca, cb, cc, op, z = _load_splat(i, splat_refs)
+    feat = f_ref[i, :]
+    dx, dy = px - mx, py - my
+    alpha, raw, gauss = pj.gaussian_alpha(dx, dy, ca, cb, cc, op)
+    alpha = jnp.where(active & (i < end), alpha, 0.0)
+    next_t = tr * (1.0 - alpha)
+    stop = (alpha > 0) & (next_t <= pj.T_EPS)
+    use = (alpha > 0) & ~stop
+    w = jnp.where(use, alpha * tr, 0.0)
+    q = jnp.sum(g_f * feat[None, :], axis=1)  # dL/dF . c_i per pixel
+    pre_f = pre_f + w * q
+    pre_d = pre_d + w * z
+    inv = 1.0 / (1.0 - alpha)
+    dalpha = (q * tr - (gf_tot - pre_f) * inv + g_d * (z * tr - (d_tot - pre_d) * inv) - gt_term * inv)
+    dalpha = jnp.where(use, dalpha, 0.0)
+    parts = pj.alpha_vjp(dalpha, dx, dy, ca, cb, cc, alpha, raw, gauss) + (w * g_d,)
+
+    @pl.when(i < end)
+    def _store():
+      for ref, part in zip(g_refs, parts):
+        ref[i] = jnp.sum(part)
+      gc_ref[i, :] = jnp.sum(w[:, None] * g_f, axis=0)
+
+    return jnp.where(use, next_t, tr), active & ~stop, pre_f, pre_d
+
+  def cond(carry):
+    return (carry[0] < n_chunks) & (carry[1] > 0)
+
+  def body(carry):
+    c, _, tr, active, pre_f, pre_d = carry
+    tr, active, pre_f, pre_d = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c),
+                                                 (tr, active, pre_f, pre_d))
+    return c + 1, jnp.sum(active.astype(jnp.int32)), tr, active, pre_f, pre_d
+
+  init = (jnp.int32(0), jnp.int32(p), jnp.ones((p,), dt), jnp.ones((p,), jnp.bool_), jnp.zeros((p,), dt),
+          jnp.zeros((p,), dt))
+  jax.lax.while_loop(cond, body, init)
+
+
+def _tile_spec(geom: Geometry, extra=()):
+  blk = (_squeezed(), geom.pixels_per_tile) + tuple(extra)
+  return pl.BlockSpec(blk, lambda t: (t, 0) + (0,) * len(extra))
+
+
+def pallas_forward(splats: Splats, isect: Intersections, geom: Geometry, interpret: bool):
+  """Same contract as `tiled_xla.xla_forward`."""
+  scal, feat = _gather_sorted(splats, isect, geom.chunk)
+  dt = scal[0].dtype
+  nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
+  f, d, t = pl.pallas_call(
+      functools.partial(_fwd_kernel, geom=geom),
+      out_shape=(jax.ShapeDtypeStruct((nt, p, cp), dt), jax.ShapeDtypeStruct((nt, p), dt),
+                 jax.ShapeDtypeStruct((nt, p), dt)),
+      grid=(nt,),
+      in_specs=[_ANY] * 10,
+      out_specs=(_tile_spec(geom, (cp,)), _tile_spec(geom), _tile_spec(geom)),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret),
+      name="gs_composite_fwd",
+  )(isect.tile_start, isect.tile_end, *scal, feat)
+  return f[..., :c], d, t
+
+
+def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot, d_tot, t_fin, g_f, g_d, g_t,
+                    interpret: bool):
+  """Same contract as `tiled_xla.xla_backward`."""
+  scal, feat = _gather_sorted(splats, isect, geom.chunk)
+  dt = scal[0].dtype
+  nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
+  mp = feat.shape[0]
+  gf_tot = jnp.sum(g_f * f_tot, -1)
+  g_f = jnp.pad(g_f, ((0, 0), (0, 0), (0, cp - c)))
+  zeros = [jnp.zeros((mp,), dt) for _ in range(7)] + [jnp.zeros((mp, cp), dt)]
+  n_in = 16
+  outs = pl.pallas_call(
+      functools.partial(_bwd_kernel, geom=geom),
+      out_shape=tuple(jax.ShapeDtypeStruct(z.shape, dt) for z in zeros),
+      grid=(nt,),
+      in_specs=[_ANY] * 10 + [_tile_spec(geom), _tile_spec(geom), _tile_spec(geom, (cp,)), _tile_spec(geom),
+                              _tile_spec(geom), _tile_spec(geom)] + [_ANY] * 8,
+      out_specs=tuple([_ANY] * 8),
+      input_output_aliases={n_in + i: i for i in range(8)},
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret),
+      name="gs_composite_bwd",
+  )(isect.tile_start, isect.tile_end, *scal, feat, d_tot, t_fin, g_f, gf_tot, g_d, g_t, *zeros)
+  m = isect.gid.shape[0]
+  g_s = jnp.stack([o[:m] for o in outs[:7]], -1)
+  return g_s, outs[7][:m, :c]
+
+
+_composites = {
+    flag: make_composite(functools.partial(pallas_forward, interpret=flag),
+                         functools.partial(pallas_backward, interpret=flag))
+    for flag in (False, True)
+}
+
+
+def composite_pallas(splats: Splats, isect: Intersections, geom: Geometry, interpret: bool):
+  """Differentiable (F [n_tiles, P, C], D [n_tiles, P], T [n_tiles, P]) through the Pallas kernels."""
+  return _composites[bool(interpret)](splats, isect, geom)
