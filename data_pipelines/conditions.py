@@ -99,13 +99,17 @@ def draw_segments(image_hw: tuple[int, int], seg_uv: np.ndarray, colors: np.ndar
 
 def _project_segments(seg_ego: np.ndarray, K: np.ndarray, cam_to_ego: np.ndarray, hw: tuple[int, int],
                       near: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
-  """Ego segments [S, 2, 3] -> (pixel segments [S, 2, 2], keep [S]) with near-plane and image clipping."""
-  seg_cam = geometry.transform_points(geometry.invert_rigid(np.asarray(cam_to_ego, np.float64)),
-                                      seg_ego.reshape(-1, 3)).reshape(-1, 2, 3)
-  seg_cam, keep = geometry.clip_segments_near(seg_cam, near)
-  uv, _ = geometry.project(seg_cam, np.asarray(K, np.float64)[None])
+  """Ego segments [S, 2, 3] into V cameras (K [V, 3, 3], cam_to_ego [V, 4, 4]) -> (pixel segments [V, S, 2, 2],
+  keep [V, S]) with near-plane and image clipping; one vectorised pass over all views."""
+  K = np.asarray(K, np.float64).reshape(-1, 3, 3)
+  V, S = K.shape[0], seg_ego.shape[0]
+  e2c = geometry.invert_rigid(np.asarray(cam_to_ego, np.float64).reshape(-1, 4, 4))
+  seg_cam = seg_ego.reshape(1, -1, 3) @ np.swapaxes(e2c[:, :3, :3], -1, -2) + e2c[:, None, :3, 3]  # [V, 2S, 3]
+  seg_cam, keep = geometry.clip_segments_near(seg_cam.reshape(V * S, 2, 3), near)
+  Kr = np.repeat(K, S, axis=0)[:, None]  # [V*S, 1, 3, 3]
+  uv, _ = geometry.project(seg_cam, Kr[:, 0])
   uv, in_rect = geometry.clip_segments_rect(uv, hw, margin)
-  return uv, keep & in_rect
+  return uv.reshape(V, S, 2, 2), (keep & in_rect).reshape(V, S)
 
 
 def draw_boxes_view(boxes: np.ndarray, box_class: np.ndarray, K: np.ndarray, cam_to_ego: np.ndarray,
@@ -120,7 +124,7 @@ def draw_boxes_view(boxes: np.ndarray, box_class: np.ndarray, K: np.ndarray, cam
   seg = geometry.box_edges_3d(boxes).reshape(-1, 2, 3)
   uv, keep = _project_segments(seg, K, cam_to_ego, hw, near, width)
   colors = np.repeat(_BOX_COLORS[box_class], len(geometry.BOX_EDGES), axis=0)
-  return draw_segments(hw, uv[keep], colors[keep], width)
+  return draw_segments(hw, uv[0][keep[0]], colors[keep[0]], width)
 
 
 def _map_segments(points_ego: np.ndarray, mask: np.ndarray, map_class: np.ndarray, map_range: float
@@ -141,7 +145,7 @@ def draw_map_view(points_ego: np.ndarray, mask: np.ndarray, map_class: np.ndarra
   """One camera's map image uint8 [H, W, 3] for polylines [NP, NK, 3] already in this frame's ego frame."""
   seg, cls = _map_segments(points_ego, mask, map_class, map_range)
   uv, keep = _project_segments(seg, K, cam_to_ego, hw, near, width)
-  return draw_segments(hw, uv[keep], _MAP_COLORS[cls[keep]], width)
+  return draw_segments(hw, uv[0][keep[0]], _MAP_COLORS[cls[keep[0]]], width)
 
 
 def box_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
@@ -153,14 +157,22 @@ def box_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
   orig = _original_hw(sample)
   view_mask = np.asarray(sample["view_mask"], bool)
   out = np.zeros((T, V, *hw, 3), np.uint8)
+  views = np.flatnonzero(view_mask)
+  widths = [scaled_line_width(line_width, hw, orig[v]) for v in views]
+  cam_to_ego = np.asarray(sample["cam_to_ego"], np.float64)
   for t in range(T):
     m = np.asarray(sample["box_mask"][t], bool)
     boxes, cls = np.asarray(sample["boxes"][t])[m], np.asarray(sample["box_class"][t])[m]
-    if not len(boxes):
+    if not len(boxes) or not len(views):
       continue
-    for v in np.flatnonzero(view_mask):
-      width = scaled_line_width(line_width, hw, orig[v])
-      out[t, v] = draw_boxes_view(boxes, cls, K[t, v], sample["cam_to_ego"][t, v], hw, width, near)
+    if np.any((cls < 0) | (cls >= len(_BOX_COLORS))):
+      raise ValueError(f"box_class out of range [0, {len(_BOX_COLORS)}) in frame {t}: {np.unique(cls)}")
+    seg = geometry.box_edges_3d(boxes).reshape(-1, 2, 3)
+    colors = np.repeat(_BOX_COLORS[cls], len(geometry.BOX_EDGES), axis=0)
+    uv, keep = _project_segments(seg, K[t, views], cam_to_ego[t, views], hw, near, max(widths))
+    for i, v in enumerate(views):
+      if keep[i].any():
+        out[t, v] = draw_segments(hw, uv[i][keep[i]], colors[keep[i]], widths[i])
   return out
 
 
@@ -179,15 +191,19 @@ def map_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
   mask = np.asarray(sample["map_mask"], bool)
   if not mask.any():
     return out
+  views = np.flatnonzero(view_mask)
+  widths = [scaled_line_width(line_width, hw, orig[v]) for v in views]
+  cam_to_ego = np.asarray(sample["cam_to_ego"], np.float64)
   for t in range(T):
     points_ego = geometry.transform_points(world_to_ego[t], points.reshape(-1, 3)).reshape(points.shape)
     seg, cls = _map_segments(points_ego, mask, sample["map_class"], map_range)
-    if not len(seg):
+    if not len(seg) or not len(views):
       continue
-    for v in np.flatnonzero(view_mask):
-      width = scaled_line_width(line_width, hw, orig[v])
-      uv, keep = _project_segments(seg, K[t, v], sample["cam_to_ego"][t, v], hw, near, width)
-      out[t, v] = draw_segments(hw, uv[keep], _MAP_COLORS[cls[keep]], width)
+    uv, keep = _project_segments(seg, K[t, views], cam_to_ego[t, views], hw, near, max(widths))
+    colors = _MAP_COLORS[cls]
+    for i, v in enumerate(views):
+      if keep[i].any():
+        out[t, v] = draw_segments(hw, uv[i][keep[i]], colors[keep[i]], widths[i])
   return out
 
 
@@ -198,25 +214,29 @@ def depth_maps(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
   H, W = hw
   T, V = np.shape(sample["images"])[:2]
   K = geometry.resize_intrinsics(np.asarray(sample["intrinsics"], np.float64), src, hw)
-  world = np.asarray(sample["lidar_points"], np.float64)  # [T, NL, 3] ego frame
+  points = np.asarray(sample["lidar_points"], np.float32)  # [T, NL, 3] ego frame
   lmask = np.asarray(sample["lidar_mask"], bool)
-  ego_to_cam = geometry.invert_rigid(np.asarray(sample["cam_to_ego"], np.float64))  # [T, V, 4, 4]
-  cam = np.einsum("tvij,tnj->tvni", ego_to_cam[..., :3, :3], world) + ego_to_cam[:, :, None, :3, 3]
-  uv, z = geometry.project(cam, K)  # uv [T, V, NL, 2]
-  col = np.floor(uv[..., 0] + 0.5)
-  row = np.floor(uv[..., 1] + 0.5)
-  ok = (lmask[:, None] & (z >= near) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
-        & np.asarray(sample["view_mask"], bool)[None, :, None])
-  tv = np.broadcast_to(np.arange(T * V).reshape(T, V, 1), ok.shape)
-  flat = ((tv * H + row.astype(np.int64)) * W + col.astype(np.int64))[ok]
-  zs = z[ok]
+  e2c = geometry.invert_rigid(np.asarray(sample["cam_to_ego"], np.float64)).astype(np.float32)  # [T, V, 4, 4]
+  # z first (one row of the rotation), then the full projection only for points in front of the camera.
+  z = np.matmul(e2c[..., 2, :3], np.swapaxes(points, 1, 2)) + e2c[..., 2, 3:4]  # [T, V, NL] (BLAS, not einsum)
+  front = (z >= near) & lmask[:, None] & np.asarray(sample["view_mask"], bool)[None, :, None]
+  ti, vi, ni = np.nonzero(front)
+  R = e2c[ti, vi]  # [M, 4, 4]
+  p = points[ti, ni]  # [M, 3]
+  x = np.einsum("mj,mj->m", R[:, 0, :3], p) + R[:, 0, 3]
+  y = np.einsum("mj,mj->m", R[:, 1, :3], p) + R[:, 1, 3]
+  zs = z[ti, vi, ni]
+  Km = K[ti, vi]
+  col = np.floor(Km[:, 0, 0] * x / zs + Km[:, 0, 1] * y / zs + Km[:, 0, 2] + 0.5)
+  row = np.floor(Km[:, 1, 1] * y / zs + Km[:, 1, 2] + 0.5)
+  inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+  flat = (((ti * V + vi) * H + row.astype(np.int64)) * W + col.astype(np.int64))[inside]
+  zs = zs[inside]
   out = np.zeros(T * V * H * W, np.float32)
-  if flat.size:
-    order = np.lexsort((zs, flat))  # by pixel, then nearest first
-    flat, zs = flat[order], zs[order]
-    first = np.ones(flat.size, bool)
-    first[1:] = flat[1:] != flat[:-1]
-    out[flat[first]] = zs[first]
+  # The nearest point wins: order by depth, then np.unique's return_index gives each pixel's first (nearest) hit.
+  by_z = np.argsort(zs, kind="stable")
+  pixels, first = np.unique(flat[by_z], return_index=True)
+  out[pixels] = zs[by_z][first]
   return out.reshape(T, V, H, W)
 
 
