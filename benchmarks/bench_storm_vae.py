@@ -1,0 +1,146 @@
+r"""STORM-VAE training-step benchmark: step time, peak memory, the rasteriser's share, MFU against a matmul ceiling.
+
+Paper scale (default): one sample of 4 context frames x 6 views at 256x448 (2.75 M Gaussians), 3 target frames x 6
+views rendered, the paper config (SD3.5 VAE + STORM-B/8-like GS decoder, bf16, LPIPS-VGG in both losses):
+
+  python benchmarks/bench_storm_vae.py                 # GPU
+  python benchmarks/bench_storm_vae.py --tiny          # CPU: the tiny config at 32x56, 2 context frames
+
+Prints one JSON line:
+  step_ms          forward + backward of the task's loss (the trainer's update minus the optimizer).
+  render_ms        forward + backward of GSDecoder.render alone on the same Gaussians and cameras (rasteriser,
+                   sky and exposure), timed separately; render_share = render_ms / step_ms.
+  peak_mem_gb      device peak (GPU memory_stats) or the process max RSS (CPU).
+  model_tflops     XLA-counted FLOPs of the step / step time; mfu_vs_matmul = that / a same-dtype square matmul's
+                   rate measured in the same run (the ceiling).
+  gsplat_anchor    the gsplat 1.5.3 forward+backward time of the same rasterisation problem on an H200
+                   (shared/reference/peer-anchors.md: 26.1 ms) and render_vs_gsplat = render_ms / that: only
+                   meaningful when this runs on an H200 (the device name is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GSPLAT_H200_FWD_BWD_MS = 26.1  # peer-anchors.md, "STORM-VAE scale: F=4, V=6, 256x448"
+
+
+def _batch(task, height, width, num_frames, seed=0):
+  """One synthetic 6-view clip (real geometry, LiDAR depth, sky mask) as a device batch of 1."""
+  from cvd_storm_jax.data_pipelines import conditions, synthetic
+  opts = synthetic.SyntheticOptions(height=height, width=width, num_frames=num_frames, num_views=6,
+                                    max_lidar_points=8192)
+  clip = synthetic.generate_clip(seed, 0, opts)
+  host = {k: np.asarray(clip[k])[None] for k in ("images", "intrinsics", "cam_to_ego", "ego_to_world", "timestamps",
+                                                   "view_mask", "sky_mask")}
+  host["has_sky_mask"] = np.ones((1,), bool)
+  host["depth"] = conditions.depth_maps(clip)[None]
+  return {k: jnp.asarray(v) for k, v in task.device_batch(host).items()}
+
+
+def _time(fn, *args, iters):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters * 1e3
+
+
+def _matmul_rate(dtype, n):
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  ms = _time(f, a, iters=10)
+  return 2 * n ** 3 / (ms * 1e-3)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tiny", action="store_true", help="CPU size: the tiny config at 32x56")
+  ap.add_argument("--iters", type=int, default=None)
+  ap.add_argument("--no_lpips", action="store_true", help="drop LPIPS from both losses")
+  args = ap.parse_args()
+
+  from flax.core import meta
+
+  from configs.storm_vae import get_config
+  from cvd_storm_jax.models.gs_decoder import GSDecoder
+  from cvd_storm_jax.tasks import get_task
+
+  cfg = get_config("tiny" if args.tiny else "")
+  if args.no_lpips:
+    cfg.loss.lpips_net = "none"
+    cfg.loss.vae.lpips = 0.0
+    cfg.loss.storm.lpips = 0.0
+  height, width = (32, 56) if args.tiny else (256, 448)
+  num_frames = 4 if args.tiny else 19
+  if not args.tiny:
+    cfg.storm.context_frames = (0, 6, 12, 18)
+    cfg.storm.num_targets = 3
+  task = get_task(cfg)
+  batch = _batch(task, height, width, num_frames)
+  iters = args.iters or (3 if args.tiny else 10)
+
+  params = jax.jit(lambda r, b: meta.unbox(task.init(r, b)))(jax.random.key(0), batch)
+  grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
+  rng, step = jax.random.key(1), jnp.int32(10_000)  # past lpips_start_step: the full loss
+  t0 = time.perf_counter()
+  jax.block_until_ready(grad_fn(params, batch, rng, step))
+  compile_s = time.perf_counter() - t0
+  step_ms = _time(grad_fn, params, batch, rng, step, iters=iters)
+
+  # The render alone, on the Gaussians of this batch.
+  sel = jax.jit(lambda b: task.select(b, jax.random.key(2)))(batch)
+  gauss = jax.jit(lambda p, s: task.forward(p, s, None, decode=False)["gaussians"])(params, sel)
+  gs_params = {"params": params["gs"]}
+  model = GSDecoder(task.gs_config)
+  weights = jax.random.normal(jax.random.key(3), sel["tgt_images"].shape, jnp.float32)
+
+  def render_loss(g):
+    r = model.apply(gs_params, g, sel["tgt_cams"], sel["tgt_intrinsics"], sel["tgt_times"], height, width,
+                    method=GSDecoder.render)
+    return jnp.sum(r["rgb"] * weights) + jnp.sum(r["depth"]) * 1e-3, r["overflow"]
+
+  render_fn = jax.jit(jax.value_and_grad(render_loss, has_aux=True))
+  render_ms = _time(render_fn, gauss, iters=iters)
+  overflow = int(render_fn(gauss)[0][1])
+
+  flops = task.flops_per_step(batch)
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    peak_gb = stats["peak_bytes_in_use"] / 2 ** 30
+  else:
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+  mm_dtype = jnp.float32 if args.tiny else jnp.bfloat16
+  ceiling = _matmul_rate(mm_dtype, 1024 if args.tiny else 8192)
+  n_gauss = int(np.prod(gauss["opacities"].shape))
+  out = {
+      "bench": "storm_vae_train_step", "tiny": args.tiny, "device": str(dev.device_kind), "platform": dev.platform,
+      "context": list(task.context_frames), "views": 6, "height": height, "width": width,
+      "targets": int(sel["tgt_images"].shape[1]), "gaussians": n_gauss, "lpips": task.lpips_net,
+      "compile_s": round(compile_s, 1), "step_ms": round(step_ms, 2), "render_ms": round(render_ms, 2),
+      "render_share": round(render_ms / step_ms, 3), "rasterizer_overflow": overflow,
+      "peak_mem_gb": round(peak_gb, 2), "step_flops": flops,
+      "model_tflops": round(flops / (step_ms * 1e-3) / 1e12, 3),
+      "matmul_ceiling_tflops": round(ceiling / 1e12, 3),
+      "mfu_vs_matmul": round(flops / (step_ms * 1e-3) / ceiling, 4),
+      "gsplat_anchor_h200_ms": GSPLAT_H200_FWD_BWD_MS,
+      "render_vs_gsplat": None if args.tiny else round(render_ms / GSPLAT_H200_FWD_BWD_MS, 3),
+  }
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()
