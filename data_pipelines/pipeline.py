@@ -13,7 +13,9 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain dict; ``default_da
   batch_size    int    GLOBAL batch size; each of the process_count processes yields batch_size / process_count.
   mix           list of (source_name, weight)  sources (see ``register_source``) and mixing weights.
   num_workers   int    grain mp_prefetch worker processes (0 = in-process).
-  prefetch      int    per-worker buffer (mp_prefetch) or thread-prefetch depth when num_workers == 0 (0 = none).
+  prefetch      int    batches buffered per worker process (mp_prefetch) and by the read threads.
+  read_threads  int    threads computing batches inside each process/worker (grain ReadOptions.num_threads);
+                       0 (default) = synchronous, one batch at a time.
   shuffle_seed  int    seed of the global shuffle, the mixing and the bucket draws.
   synthetic     dict   options of the "synthetic" source: any ``synthetic.SyntheticOptions`` field (height/width =
                        render size, max_boxes, ...) plus ``seed`` (the clip content seed, default 0).
@@ -288,9 +290,13 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
   ds = ds[process_index::process_count]
   ds = ds.map_with_index(_Processor(config, seed, local_batch))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_Collate(config))
-  it_ds = ds.to_iter_dataset()
   workers = int(config.get("num_workers", 0))
   prefetch = int(config.get("prefetch", 0))
+  threads = int(config.get("read_threads", 0))
+  # Explicit ReadOptions: grain's default (16 threads, 500 prefetched elements) would hold hundreds of ~200 MB
+  # paper-size batches in memory. 0 threads = batches are computed synchronously on next().
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                               prefetch_buffer_size=max(prefetch, threads) if threads else 0))
   if workers > 0:
     # grain reads absl flags in mp_prefetch; outside an absl app (tests, notebooks) they are unparsed and reading
     # them raises. Marking them parsed keeps every flag at its default and changes nothing for absl apps.
@@ -298,8 +304,6 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                            per_worker_buffer_size=max(prefetch, 1)))
-  elif prefetch > 0:
-    it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
   logging.info("data %s: sources %s, local batch %d, buckets %s", config.get("name", ""), mix, local_batch,
                list(config["buckets"]))
   return it_ds
@@ -317,7 +321,7 @@ def default_data_config(kind: str) -> ml_collections.ConfigDict:
   if kind == "tiny":
     return ml_collections.ConfigDict(dict(
         name="synthetic_tiny", root="", num_clips=64, num_frames=4, frame_stride=1, num_views=6,
-        buckets=[(64, 112, 1.0)], batch_size=2, mix=[("synthetic", 1.0)], num_workers=0, prefetch=0,
+        buckets=[(64, 112, 1.0)], batch_size=2, mix=[("synthetic", 1.0)], num_workers=0, prefetch=0, read_threads=0,
         shuffle_seed=0, synthetic=dict(height=64, width=112, seed=0, max_boxes=16, max_lidar_points=2048),
         max_boxes=16, max_lidar_points=2048, max_map_polylines=12, max_map_points=48,
         line_width=8.0, map_range=65.0, text_embeddings=""))
@@ -325,7 +329,7 @@ def default_data_config(kind: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="paper", root="", num_clips=100_000, num_frames=19, frame_stride=1, num_views=6,
         buckets=[(144, 256, 0.1), (176, 304, 0.3), (256, 448, 0.6)], batch_size=96,
-        mix=[("synthetic", 1.0)], num_workers=8, prefetch=2, shuffle_seed=0,
+        mix=[("synthetic", 1.0)], num_workers=8, prefetch=2, read_threads=1, shuffle_seed=0,
         synthetic=dict(height=128, width=224, seed=0, max_boxes=32, max_lidar_points=8192),
         max_boxes=64, max_lidar_points=32768, max_map_polylines=64, max_map_points=64,
         line_width=8.0, map_range=65.0, text_embeddings=""))

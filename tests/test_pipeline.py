@@ -163,8 +163,8 @@ def test_kill_and_resume_reproduces_batches():
 
 
 def test_multiprocess_prefetch_matches_in_process_and_resumes():
-  # Real synthetic source (importable in the worker processes); one worker keeps the process start-up cost low.
-  c = _config(num_workers=1, prefetch=1, buckets=[(16, 32, 0.5), (32, 56, 0.5)])
+  # Real synthetic source (importable in the worker processes); two workers interleave batches 0, 2, 4 / 1, 3.
+  c = _config(num_workers=2, prefetch=1, buckets=[(16, 32, 0.5), (32, 56, 0.5)])
   ref = _take(pipeline.make_iterator(_config(buckets=[(16, 32, 0.5), (32, 56, 0.5)]), seed=4), 5)
   it = pipeline.make_iterator(c, seed=4)
   first = _take(it, 2)
