@@ -3,7 +3,9 @@
 Structure:
   shared(ids) -> num_layers x [x + SelfAttention(T5Norm(x), bias=pos_bias + pad_mask);
                                x + FFN(T5Norm(x))] -> final T5Norm
-  * T5Norm is an RMS norm without mean subtraction and without bias, statistics in fp32.
+  * T5Norm is an RMS norm without mean subtraction and without bias, statistics in fp32 (``mmdit.RMSNorm``, the
+    same function as diffusers' RMSNorm; in bf16 it multiplies by the weight in fp32 before rounding, where
+    transformers rounds first: a last-bit difference only).
   * Attention logits are *not* scaled by 1/sqrt(d_kv) (T5 folds the scale into its init).
   * The relative position bias is a learned [num_buckets, heads] table owned by the first layer and reused by all
     layers (bidirectional buckets: half for each direction, half of those exact, the rest log-spaced up to
@@ -25,6 +27,7 @@ import numpy as np
 
 from cvd_storm_jax.models.attention import dot_product_attention
 from cvd_storm_jax.models.clip import activation
+from cvd_storm_jax.models.mmdit import RMSNorm
 
 Dtype = Any
 
@@ -83,23 +86,6 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
   large = max_exact + np.where(np.isfinite(large), large, 0).astype(np.int64)
   large = np.minimum(large, num_buckets - 1)
   return (buckets + np.where(is_small, rel, large)).astype(np.int32)
-
-
-class T5LayerNorm(nn.Module):
-  """RMS norm: x / sqrt(mean(x^2) + eps) * weight, statistics in fp32."""
-  features: int
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.features,),
-                        self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.eps)
-    return (jnp.asarray(weight, self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, name: str,
@@ -162,7 +148,7 @@ class _SelfAttentionLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
     cfg = self.config
-    h = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
+    h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
     return x + T5Attention(cfg, self.dtype, self.param_dtype, name="SelfAttention")(h, bias)
 
 
@@ -174,7 +160,7 @@ class _FeedForwardLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    h = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
+    h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
     return x + T5FeedForward(cfg, self.dtype, self.param_dtype, name="DenseReluDense")(h)
 
 
@@ -224,4 +210,4 @@ class T5EncoderModel(nn.Module):
 
     for i in range(cfg.num_layers):
       x = T5Block(cfg, self.dtype, self.param_dtype, name=f"block_{i}")(x, bias)
-    return T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x)
+    return RMSNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x)

@@ -43,11 +43,11 @@ T5_RULES = (
     Rule(r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "relative_attention_bias"),
     Rule(r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight",
          r"block_\1/layer_0/SelfAttention/\2/kernel", linear),
-    Rule(r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"block_\1/layer_0/layer_norm/weight"),
+    Rule(r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"block_\1/layer_0/layer_norm/scale"),
     Rule(r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight",
          r"block_\1/layer_1/DenseReluDense/\2/kernel", linear),
-    Rule(r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"block_\1/layer_1/layer_norm/weight"),
-    Rule(r"encoder\.final_layer_norm\.weight", "final_layer_norm/weight"),
+    Rule(r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"block_\1/layer_1/layer_norm/scale"),
+    Rule(r"encoder\.final_layer_norm\.weight", "final_layer_norm/scale"),
 )
 
 
