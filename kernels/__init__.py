@@ -113,8 +113,12 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
       if capacity is None:
         capacity = default_capacity(n, k, geom.tiles_per_image)
       isect = intersect(proj, geom, capacity)
+      # Inside shard_map with cameras sharded, the custom VJP must return cotangents typed like its inputs: adding
+      # a zero that carries the cameras' varying axes (an empty sum) makes opacities/features varying here, and
+      # autodiff of this add then sums their cotangents over the mesh. Outside shard_map it is a no-op.
+      vzero = jnp.sum(proj.depths[:, :0])
       splats = Splats(proj.means2d.reshape(k * n, 2), proj.conics.reshape(k * n, 3), proj.depths.reshape(k * n),
-                      opacities, features)
+                      opacities + vzero, features + vzero)
       if backend == "xla":
         f, d, t = tiled_xla.composite_xla(splats, isect, geom)
       else:

@@ -201,6 +201,12 @@ def _n_chunks(isect: Intersections, chunk: int):
   return (jnp.max(isect.tile_end - isect.tile_start, initial=0) + chunk - 1) // chunk
 
 
+def _varying_zero(isect: Intersections, dtype):
+  """[n_tiles] zeros computed from the inputs: loop carries initialised from it carry the inputs' shard_map
+  varying-axes type, so the while loops type-check inside `jax.shard_map` (cameras sharded)."""
+  return (isect.tile_start * 0).astype(dtype)
+
+
 def xla_forward(splats: Splats, isect: Intersections, geom: Geometry):
   """-> F [n_tiles, P, C] (no background), D [n_tiles, P], T [n_tiles, P]."""
   dt = splats.means2d.dtype
@@ -221,8 +227,9 @@ def xla_forward(splats: Splats, isect: Intersections, geom: Geometry):
     d = d + jnp.einsum("tpb,tb->tp", w, z)
     return c + 1, t, active & ~stopped, f, d
 
-  init = (jnp.int32(0), jnp.ones((nt, p), dt), jnp.ones((nt, p), bool), jnp.zeros((nt, p, cdim), dt),
-          jnp.zeros((nt, p), dt))
+  zero = _varying_zero(isect, dt)[:, None]
+  init = (jnp.int32(0), 1.0 + jnp.zeros((nt, p), dt) + zero, jnp.ones((nt, p), bool) & (zero == 0),
+          jnp.zeros((nt, p, cdim), dt) + zero[..., None], jnp.zeros((nt, p), dt) + zero)
   _, t, _, f, d = jax.lax.while_loop(cond, body, init)
   return f, d, t
 
@@ -264,8 +271,11 @@ def xla_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot, d_
     g_c = g_c.at[s_idx].set(jnp.einsum("tpb,tpc->tbc", w, g_f).reshape(-1, cdim), mode="drop")
     return c + 1, t_new, active & ~stopped, incl_f[..., -1], incl_d[..., -1], g_s, g_c
 
-  init = (jnp.int32(0), jnp.ones((nt, p), dt), jnp.ones((nt, p), bool), jnp.zeros((nt, p), dt),
-          jnp.zeros((nt, p), dt), jnp.zeros((m, 7), dt), jnp.zeros((m, cdim), dt))
+  zero = _varying_zero(isect, dt)[:, None]
+  zero_m = (isect.gid[:, None] * 0).astype(dt)
+  init = (jnp.int32(0), 1.0 + jnp.zeros((nt, p), dt) + zero, jnp.ones((nt, p), bool) & (zero == 0),
+          jnp.zeros((nt, p), dt) + zero, jnp.zeros((nt, p), dt) + zero, jnp.zeros((m, 7), dt) + zero_m,
+          jnp.zeros((m, cdim), dt) + zero_m)
   out = jax.lax.while_loop(cond, body, init)
   return out[5], out[6]
 

@@ -1,0 +1,327 @@
+"""Tests of the 3D Gaussian rasterizer (cvd_storm_jax.kernels): tiled XLA and Pallas-interpret vs the dense
+reference, gradients, float64 finite differences, edge cases, overflow accounting, jit/vmap/shard_map, geometry."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from cvd_storm_jax import kernels as K
+from cvd_storm_jax.kernels import projection as pj
+
+W, H = 48, 32
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)):
+  """World-to-camera matrix (OpenCV axes) of a camera at `eye` looking at `target`."""
+  eye, target, up = (np.asarray(v, np.float64) for v in (eye, target, up))
+  fwd = target - eye
+  fwd /= np.linalg.norm(fwd)
+  right = np.cross(fwd, up)
+  right /= np.linalg.norm(right)
+  down = np.cross(fwd, right)
+  r = np.stack([right, down, fwd])
+  m = np.eye(4)
+  m[:3, :3] = r
+  m[:3, 3] = -r @ eye
+  return m
+
+
+def random_scene(seed, n=300, k=3, c=3, width=W, height=H, dtype=np.float32):
+  """Anisotropic, overlapping Gaussians around the origin seen by k cameras on a ring; a few huge, a few tiny,
+  some behind camera 0, some off-screen."""
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(n, 3)) * np.array([1.5, 1.5, 0.8])
+  means[: n // 10] = rng.normal(size=(n // 10, 3)) * 12.0  # wide: many off-screen for some cameras
+  quats = rng.normal(size=(n, 4))
+  scales = np.exp(rng.normal(-2.3, 0.8, size=(n, 3)))
+  scales[n // 10: n // 10 + n // 20] *= 15.0  # huge
+  scales[n // 5: n // 5 + n // 20] *= 1e-3  # tiny
+  opac = rng.uniform(0.05, 1.0, size=n)
+  feats = rng.normal(size=(n, c))
+  views, ks = [], []
+  for i in range(k):
+    ang = 2 * np.pi * i / k + 0.3
+    eye = np.array([6 * np.cos(ang), 6 * np.sin(ang), 1.0 + 0.3 * i])
+    views.append(look_at(eye, rng.normal(size=3) * 0.3))
+    if i == 0:  # behind camera 0 and between its near plane and the lens
+      back = eye + (eye - rng.normal(size=3) * 0.3) / np.linalg.norm(eye) * rng.uniform(0.05, 3, size=(n // 20, 1))
+      means[n // 2: n // 2 + n // 20] = back
+    f = rng.uniform(30, 60)
+    ks.append(np.array([[f, 0, width / 2 + rng.normal()], [0, f * 1.05, height / 2 + rng.normal()], [0, 0, 1]]))
+  return tuple(jnp.asarray(x, dtype) for x in (means, quats, scales, opac, feats, np.stack(views), np.stack(ks)))
+
+
+def loss_and_outputs(backend, params, cams, bg, **kw):
+  """A loss touching every output with fixed pseudo-random weights; returns (loss, RenderOutput)."""
+  out = K.rasterize(*params, *cams, W, H, background=bg, backend=backend, **kw)
+  wf = jnp.sin(jnp.arange(out.features.size, dtype=out.features.dtype)).reshape(out.features.shape)
+  wd = jnp.cos(jnp.arange(out.depth.size, dtype=out.depth.dtype)).reshape(out.depth.shape)
+  return jnp.sum(out.features * wf) + 0.05 * jnp.sum(out.depth * wd) + jnp.sum(out.alpha * wd[::-1]), out
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grad(backend):
+  return jax.jit(jax.value_and_grad(lambda p, c, b: loss_and_outputs(backend, p, c, b), argnums=(0, 2),
+                                    has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def scene_c7():
+  """K=3, C=7, per-camera background; rendered with value_and_grad once per backend."""
+  s = random_scene(0, n=400, k=3, c=7)
+  params, cams = s[:5], s[5:]
+  bg = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7)), jnp.float32)
+  res = {b: _value_and_grad(b)(params, cams, bg) for b in ("reference", "xla", "pallas")}
+  return s, res
+
+
+def _close(got, want, rel=1e-5, name=""):
+  got, want = np.asarray(got), np.asarray(want)
+  assert np.all(np.isfinite(got)), name
+  scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-6)
+  err = float(np.max(np.abs(got - want), initial=0.0))
+  assert err <= rel * scale, f"{name}: max abs err {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def test_scene_exercises_the_rules(scene_c7):
+  s, res = scene_c7
+  out = res["reference"][0][1]
+  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
+  z = np.einsum("kij,nj->kni", np.asarray(s[5])[:, :3, :3], np.asarray(s[0])) + np.asarray(s[5])[:, None, :3, 3]
+  z = z[..., 2]
+  assert (z[0] < 0.2).sum() >= 15  # behind / too close to camera 0
+  assert (~np.asarray(proj.valid)).sum() > (z < 0.2).sum()  # plus off-screen culls
+  a = np.asarray(out.alpha)
+  assert (a > 0.9998).mean() > 0.05 and (a < 0.9).mean() > 0.05  # both saturated (T cut) and thin pixels
+  assert int(res["xla"][0][1].overflow) == 0
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_forward_matches_reference_c7(scene_c7, backend):
+  _, res = scene_c7
+  ref, got = res["reference"][0][1], res[backend][0][1]
+  assert int(got.overflow) == 0
+  for name in ("features", "depth", "alpha"):
+    _close(getattr(got, name), getattr(ref, name), 1e-5, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_gradients_match_reference(scene_c7, backend):
+  _, res = scene_c7
+  (g_ref, gbg_ref), (g, gbg) = res["reference"][1], res[backend][1]
+  for name, a, b in zip(("means", "quats", "scales", "opacities", "features"), g, g_ref):
+    assert float(jnp.max(jnp.abs(b))) > 0, name
+    _close(a, b, 2e-5, f"{backend} d{name}")
+  _close(gbg, gbg_ref, 1e-5, f"{backend} dbackground")
+
+
+def test_forward_matches_reference_c3_shared_background():
+  s = random_scene(3, n=250, k=2, c=3)
+  bg = jnp.array([0.2, -0.1, 0.7])
+  ref = K.rasterize(*s, W, H, background=bg, backend="reference")
+  for backend, kw in (("xla", dict(chunk=16)), ("pallas", dict(chunk=8))):
+    got = K.rasterize(*s, W, H, background=bg, backend=backend, **kw)
+    assert int(got.overflow) == 0
+    for name in ("features", "depth", "alpha"):
+      _close(getattr(got, name), getattr(ref, name), 1e-5, f"{backend} {name}")
+
+
+def _sequential_oracle(proj, opac, feats, tile_size=16):
+  """gsplat's per-pixel loop in plain Python (one camera): tile membership, 1/255 skip, 0.99 clamp, T cut."""
+  m2, con, z, valid, rad = (np.asarray(x[0], np.float64) for x in proj[:2] + (proj.depths, proj.valid, proj.radii))
+  tx = -(-W // tile_size)
+  ty = -(-H // tile_size)
+  x0, x1, y0, y1 = (np.asarray(v[0]) for v in pj.tile_rect(proj.means2d, proj.radii, tile_size, tx, ty))
+  order = np.argsort(np.where(valid > 0, z, np.inf), kind="stable")
+  f = np.zeros((H, W, feats.shape[1]))
+  d = np.zeros((H, W))
+  t_out = np.ones((H, W))
+  for i in range(H):
+    for j in range(W):
+      t = 1.0
+      for g in order:
+        if not valid[g] or not (x0[g] <= j // tile_size < x1[g] and y0[g] <= i // tile_size < y1[g]):
+          continue
+        dx, dy = j + 0.5 - m2[g, 0], i + 0.5 - m2[g, 1]
+        sig = 0.5 * (con[g, 0] * dx * dx + con[g, 2] * dy * dy) + con[g, 1] * dx * dy
+        a = min(0.99, opac[g] * np.exp(-sig))
+        if sig < 0 or a < 1 / 255:
+          continue
+        nt = t * (1 - a)
+        if nt <= 1e-4:
+          break
+        f[i, j] += feats[g] * a * t
+        d[i, j] += z[g] * a * t
+        t = nt
+      t_out[i, j] = t
+  return f, d, t_out
+
+
+def test_reference_matches_sequential_loop():
+  s = random_scene(5, n=150, k=1, c=2)
+  s = s[:2] + (s[2] * 1.5, 0.6 + 0.4 * s[3]) + s[4:]  # opaque: many pixels hit the T cut
+  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
+  f, d, t = _sequential_oracle(proj, np.asarray(s[3], np.float64), np.asarray(s[4], np.float64))
+  assert (t < 1e-3).mean() > 0.05
+  out = K.rasterize(*s, W, H, backend="reference")
+  np.testing.assert_allclose(out.features[0], f, atol=2e-5)
+  np.testing.assert_allclose(out.depth[0], d, atol=1e-4)
+  np.testing.assert_allclose(out.alpha[0], 1 - t, atol=2e-6)
+
+
+def test_reference_gradients_vs_finite_differences_float64():
+  with jax.enable_x64(True):
+    s = random_scene(7, n=12, k=2, c=2, dtype=np.float64)
+    s = s[:2] + (s[2] * 3,) + s[3:]
+    params, cams = s[:5], s[5:]
+    rng = np.random.default_rng(0)
+
+    def f(p):
+      return loss_and_outputs("reference", p, cams, None)[0]
+
+    grads = jax.grad(f)(params)
+    eps = 1e-6
+    for i, name in enumerate(("means", "quats", "scales", "opacities", "features")):
+      v = jnp.asarray(rng.normal(size=params[i].shape))
+      plus = list(params)
+      minus = list(params)
+      plus[i] = params[i] + eps * v
+      minus[i] = params[i] - eps * v
+      fd = (f(tuple(plus)) - f(tuple(minus))) / (2 * eps)
+      an = jnp.sum(grads[i] * v)
+      assert abs(float(an)) > 1e-3, name
+      np.testing.assert_allclose(float(an), float(fd), rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_edge_cases_are_finite(backend):
+  rng = np.random.default_rng(2)
+  _, _, _, _, _, views, ks = random_scene(2, n=8, k=2, c=3)
+  bg = jnp.array([0.5, 0.25, 1.0])
+
+  def run(params):
+    return jax.value_and_grad(lambda p: loss_and_outputs(backend, p, (views, ks), bg)[0])(params)
+
+  # N = 0: background only, empty gradients.
+  empty = (jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 3)))
+  out = K.rasterize(*empty, views, ks, W, H, background=bg, backend=backend)
+  np.testing.assert_array_equal(out.alpha, 0.0)
+  np.testing.assert_array_equal(out.features, jnp.broadcast_to(bg, out.features.shape))
+  _, g = run(empty)
+  assert all(x.shape[0] == 0 for x in g)
+  # Everything behind both cameras (or in front of the lens but nearer than `near`).
+  back = (jnp.asarray(look_at((0, 0, 0), (1, 0, 0.1))), jnp.asarray(look_at((0, 0, 0), (0, 1, -0.1))))
+  back = jnp.stack(back).astype(jnp.float32)
+  n = 6
+  means = jnp.asarray(np.concatenate([rng.normal(size=(4, 3)) * 0.5 + [-4, -4, 0], [[0.1, 0, 0], [0, 0.05, 0]]]),
+                      jnp.float32)
+  params = (means, jnp.asarray(rng.normal(size=(n, 4)), jnp.float32), jnp.full((n, 3), 0.3),
+            jnp.full((n,), 0.9), jnp.ones((n, 3)))
+  out = K.rasterize(*params, back, ks, W, H, background=bg, backend=backend)
+  np.testing.assert_array_equal(out.alpha, 0.0)
+  val, g = jax.value_and_grad(lambda p: loss_and_outputs(backend, p, (back, ks), bg)[0])(params)
+  assert np.isfinite(float(val))
+  for x in g:
+    assert np.all(np.asarray(x) == 0)
+  # Degenerate: zero and tiny scales, a zero quaternion, Gaussians exactly on a camera centre.
+  s = random_scene(4, n=40, k=2, c=3)
+  scales = s[2].at[:10].set(0.0).at[10:20].set(1e-9)
+  quats = s[1].at[0].set(0.0)
+  cam_c = -np.asarray(views)[0, :3, :3].T @ np.asarray(views)[0, :3, 3]
+  means = s[0].at[20].set(jnp.asarray(cam_c, jnp.float32))
+  params = (means, quats, scales) + s[3:5]
+  val, g = run(params)
+  assert np.isfinite(float(val))
+  for x in g:
+    assert np.all(np.isfinite(np.asarray(x)))
+  assert float(jnp.max(jnp.abs(g[0]))) > 0
+
+
+def test_capacity_overflow_is_counted():
+  s = random_scene(6, n=200, k=2, c=3)
+  k = s[5].shape[0]
+  geom = K.Geometry(k, W, H, 16, 3, 2, 32)
+  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
+  total = int(K.count_intersections(proj, geom))
+  assert total > 100
+  ref = K.rasterize(*s, W, H, backend="reference")
+  for backend in ("xla", "pallas"):
+    out = K.rasterize(*s, W, H, backend=backend, capacity=100)
+    assert int(out.overflow) == total - 100
+    assert float(jnp.max(jnp.abs(out.features - ref.features))) > 1e-3  # something really was dropped
+  exact = K.rasterize(*s, W, H, backend="xla", capacity=total)
+  assert int(exact.overflow) == 0
+  _close(exact.features, ref.features, 1e-5, "exact capacity")
+
+
+def test_vmap_over_scenes_and_jit():
+  scenes = [random_scene(10 + i, n=120, k=2, c=3) for i in range(2)]
+  stacked = tuple(jnp.stack(x) for x in zip(*scenes))
+  fn = jax.jit(jax.vmap(lambda *a: K.rasterize(*a, W, H, backend="xla")))
+  out = fn(*stacked)
+  for i, sc in enumerate(scenes):
+    ref = K.rasterize(*sc, W, H, backend="reference")
+    _close(out.features[i], ref.features, 1e-5, f"scene {i}")
+    _close(out.depth[i], ref.depth, 1e-5, f"scene {i} depth")
+  assert out.overflow.shape == (2,)
+
+
+def test_shard_map_over_cameras():
+  devices = np.array(jax.devices()[:8])
+  assert devices.size == 8
+  mesh = Mesh(devices, ("cam",))
+  s = random_scene(12, n=150, k=8, c=3)
+  params, (views, ks) = s[:5], s[5:]
+
+  def local(views, ks, *params):
+    out = K.rasterize(*params, views, ks, W, H, backend="xla")
+    return out.features, out.alpha, jax.lax.psum(out.overflow, "cam")
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("cam"), P("cam")) + (P(),) * 5,
+                             out_specs=(P("cam"), P("cam"), P())))
+  feats, alpha, overflow = fn(views, ks, *params)
+  ref = K.rasterize(*s, W, H, backend="reference")
+  _close(feats, ref.features, 1e-5, "sharded features")
+  _close(alpha, ref.alpha, 1e-5, "sharded alpha")
+  assert int(overflow) == 0
+  # Gradients through the sharded render (means are replicated: their cotangent is summed over the mesh).
+  g = jax.jit(jax.grad(lambda m: jnp.sum(fn(views, ks, m, *params[1:])[0])))(params[0])
+  g_ref = jax.grad(lambda m: jnp.sum(K.rasterize(m, *params[1:], views, ks, W, H, backend="reference").features))(
+      params[0])
+  _close(g, g_ref, 2e-5, "sharded d means")
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_single_gaussian_lands_on_the_pinhole_pixel(backend):
+  f, cx, cy, z = 40.0, 24.0, 16.0, 5.0
+  u, v = 28.5, 14.5  # the centre of pixel (row 14, col 28)
+  mean = jnp.array([[(u - cx) * z / f, (v - cy) * z / f, z]])
+  ks = jnp.array([[[f, 0, cx], [0, f, cy], [0, 0, 1]]])
+  out = K.rasterize(mean, jnp.array([[1.0, 0, 0, 0]]), jnp.full((1, 3), 0.1), jnp.array([0.8]), jnp.ones((1, 1)),
+                    jnp.eye(4)[None], ks, W, H, backend=backend)
+  a = np.asarray(out.alpha[0])
+  assert np.unravel_index(np.argmax(a), a.shape) == (14, 28)
+  np.testing.assert_allclose(a[14, 27], a[14, 29], rtol=1e-5)  # point-symmetric footprint
+  np.testing.assert_allclose(a[13, 27], a[15, 29], rtol=1e-5)
+  # Peak alpha: 0.8 exp(0) at the centre; depth = alpha * z (expected depth is not normalised).
+  np.testing.assert_allclose(a[14, 28], 0.8, rtol=1e-6)
+  np.testing.assert_allclose(out.depth[0, 14, 28], 0.8 * z, rtol=1e-6)
+  np.testing.assert_allclose(out.features[0, 14, 28, 0], 0.8, rtol=1e-6)
+  # Footprint one pixel to the right: EWA 2D covariance J (0.01 I) J^T + 0.3 I, worked out in numpy.
+  x, y = np.asarray(mean[0, :2])
+  jac = np.array([[f / z, 0, -f * x / z**2], [0, f / z, -f * y / z**2]])
+  cov2 = 0.01 * jac @ jac.T + pj.EPS2D * np.eye(2)
+  np.testing.assert_allclose(a[14, 29], 0.8 * np.exp(-0.5 * np.linalg.inv(cov2)[0, 0]), rtol=1e-5)
+
+
+def test_bad_inputs_raise():
+  s = random_scene(0, n=10, k=1, c=3)
+  with pytest.raises(ValueError, match="quats"):
+    K.rasterize(s[0], s[1][:, :3], *s[2:], W, H)
+  with pytest.raises(ValueError, match="background"):
+    K.rasterize(*s, W, H, background=jnp.zeros(4))
+  with pytest.raises(ValueError, match="backend"):
+    K.rasterize(*s, W, H, backend="cuda")
