@@ -22,12 +22,15 @@ sample's intrinsics belong to its own image size and are rescaled here, see geom
   view_adjacency(view_mask, dataset="") -> bool [V, V]
       Ring over the real views in slot order: each attends to itself and its previous/next real view (wrapping).
       Padded slots attend only themselves. Identity when there is <= 1 real view or the dataset is "opendv".
-  add_conditions(sample, hw=None, **kw) -> new sample with box_images, map_images, depth, camera_params,
-      view_adjacency (sample must already be at ``hw``; use resize_sample first).
-  resize_sample(sample, H, W) -> new sample
+  add_conditions(sample, hw=None, **kw, out=None) -> new sample with box_images, map_images, depth,
+      camera_params, view_adjacency (sample must already be at ``hw``; use resize_sample first).
+  resize_sample(sample, H, W, images_out=None) -> new sample
       Images resized with PIL bilinear (antialiased when shrinking, i.e. area-like), sky_mask with nearest,
       intrinsics rescaled; ``original_size`` is recorded (if absent) so camera_params stays at the original
       scale. Derived condition fields are dropped (they are stale at a new size; redraw with add_conditions).
+
+box_images / map_images / depth_maps take ``out=`` (a preallocated array of the result's shape and dtype, e.g. a
+row of a batch) to draw in place without a copy; add_conditions(out={name: array}) forwards them.
 
 Lower-level drawers for readers that hold single frames:
   draw_segments(image_hw, seg_uv [S, 2, 2], colors [S, 3], width, runs=None) -> uint8 [H, W, 3]
@@ -148,15 +151,26 @@ def draw_map_view(points_ego: np.ndarray, mask: np.ndarray, map_class: np.ndarra
   return draw_segments(hw, uv[0][keep[0]], _MAP_COLORS[cls[keep[0]]], width)
 
 
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype, name: str) -> np.ndarray:
+  """A zeroed output array: ``out`` (checked, written in place) or a new one."""
+  if out is None:
+    return np.zeros(shape, dtype)
+  if out.shape != shape or out.dtype != np.dtype(dtype):
+    raise ValueError(f"{name}: out has {out.dtype} {out.shape}, expected {np.dtype(dtype)} {shape}")
+  out[...] = 0
+  return out
+
+
 def box_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
-               line_width: float = DEFAULT_LINE_WIDTH, near: float = geometry.DEFAULT_NEAR) -> np.ndarray:
+               line_width: float = DEFAULT_LINE_WIDTH, near: float = geometry.DEFAULT_NEAR,
+               out: np.ndarray | None = None) -> np.ndarray:
   """Box line images uint8 [T, V, H, W, 3] (see module docstring)."""
   src, hw = _target_hw(sample, hw)
   T, V = np.shape(sample["images"])[:2]
   K = geometry.resize_intrinsics(np.asarray(sample["intrinsics"], np.float64), src, hw)
   orig = _original_hw(sample)
   view_mask = np.asarray(sample["view_mask"], bool)
-  out = np.zeros((T, V, *hw, 3), np.uint8)
+  out = _output(out, (T, V, *hw, 3), np.uint8, "box_images")
   views = np.flatnonzero(view_mask)
   widths = [scaled_line_width(line_width, hw, orig[v]) for v in views]
   cam_to_ego = np.asarray(sample["cam_to_ego"], np.float64)
@@ -178,14 +192,14 @@ def box_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
 
 def map_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
                line_width: float = DEFAULT_LINE_WIDTH, map_range: float = DEFAULT_MAP_RANGE,
-               near: float = geometry.DEFAULT_NEAR) -> np.ndarray:
+               near: float = geometry.DEFAULT_NEAR, out: np.ndarray | None = None) -> np.ndarray:
   """HD-map line images uint8 [T, V, H, W, 3] (see module docstring)."""
   src, hw = _target_hw(sample, hw)
   T, V = np.shape(sample["images"])[:2]
   K = geometry.resize_intrinsics(np.asarray(sample["intrinsics"], np.float64), src, hw)
   orig = _original_hw(sample)
   view_mask = np.asarray(sample["view_mask"], bool)
-  out = np.zeros((T, V, *hw, 3), np.uint8)
+  out = _output(out, (T, V, *hw, 3), np.uint8, "map_images")
   world_to_ego = geometry.invert_rigid(np.asarray(sample["ego_to_world"], np.float64))
   points = np.asarray(sample["map_points"], np.float64)
   mask = np.asarray(sample["map_mask"], bool)
@@ -208,7 +222,7 @@ def map_images(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
 
 
 def depth_maps(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
-               near: float = geometry.DEFAULT_NEAR) -> np.ndarray:
+               near: float = geometry.DEFAULT_NEAR, out: np.ndarray | None = None) -> np.ndarray:
   """Sparse LiDAR z-depth float32 [T, V, H, W]; nearest point per pixel, 0 where none."""
   src, hw = _target_hw(sample, hw)
   H, W = hw
@@ -232,12 +246,15 @@ def depth_maps(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
   inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
   flat = (((ti * V + vi) * H + row.astype(np.int64)) * W + col.astype(np.int64))[inside]
   zs = zs[inside]
-  out = np.zeros(T * V * H * W, np.float32)
+  out = _output(out, (T, V, H, W), np.float32, "depth")
   # The nearest point wins: order by depth, then np.unique's return_index gives each pixel's first (nearest) hit.
   by_z = np.argsort(zs, kind="stable")
   pixels, first = np.unique(flat[by_z], return_index=True)
-  out[pixels] = zs[by_z][first]
-  return out.reshape(T, V, H, W)
+  flat_out = out.reshape(-1)
+  if not np.shares_memory(flat_out, out):
+    raise ValueError("depth: out must be C-contiguous")
+  flat_out[pixels] = zs[by_z][first]
+  return out
 
 
 def camera_params(sample: Mapping[str, Any]) -> np.ndarray:
@@ -276,30 +293,44 @@ def view_adjacency(view_mask: np.ndarray, dataset: str = "") -> np.ndarray:
 
 def add_conditions(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
                    line_width: float = DEFAULT_LINE_WIDTH, map_range: float = DEFAULT_MAP_RANGE,
-                   near: float = geometry.DEFAULT_NEAR) -> dict[str, Any]:
-  """Returns a new sample with every derived field of schema.DERIVED_FIELDS drawn at the sample's own size."""
+                   near: float = geometry.DEFAULT_NEAR, out: Mapping[str, np.ndarray] | None = None
+                   ) -> dict[str, Any]:
+  """Returns a new sample with every derived field of schema.DERIVED_FIELDS drawn at the sample's own size.
+
+  ``out`` may hold preallocated box_images / map_images / depth arrays (e.g. rows of a batch) to draw into.
+  """
+  out_arrays = dict(out or {})
   src, hw = _target_hw(sample, hw)
   if src != hw:
     raise ValueError(f"add_conditions: sample images are {src} but hw={hw}; call resize_sample(sample, *hw) first")
   out = dict(sample)
-  out["box_images"] = box_images(sample, hw, line_width=line_width, near=near)
-  out["map_images"] = map_images(sample, hw, line_width=line_width, map_range=map_range, near=near)
-  out["depth"] = depth_maps(sample, hw, near=near)
+  out["box_images"] = box_images(sample, hw, line_width=line_width, near=near, out=out_arrays.get("box_images"))
+  out["map_images"] = map_images(sample, hw, line_width=line_width, map_range=map_range, near=near,
+                                 out=out_arrays.get("map_images"))
+  out["depth"] = depth_maps(sample, hw, near=near, out=out_arrays.get("depth"))
   out["camera_params"] = camera_params(sample)
   out["view_adjacency"] = view_adjacency(sample["view_mask"], sample.get("dataset", ""))
   return out
 
 
-def resize_sample(sample: Mapping[str, Any], H: int, W: int) -> dict[str, Any]:
-  """Returns a copy of ``sample`` at H x W (see module docstring)."""
+def resize_sample(sample: Mapping[str, Any], H: int, W: int, *, images_out: np.ndarray | None = None
+                  ) -> dict[str, Any]:
+  """Returns a copy of ``sample`` at H x W (see module docstring); ``images_out`` [T, V, H, W, 3] uint8 receives
+  the images when given (e.g. a row of a batch)."""
   images = np.asarray(sample["images"])
   T, V, H0, W0 = images.shape[:4]
   out = {k: v for k, v in sample.items() if k not in schema.DERIVED_FIELDS}
   if "original_size" not in out:
     out["original_size"] = np.tile(np.array([[W0, H0]], np.int32), (V, 1))
+  if images_out is not None and (images_out.shape != (T, V, H, W, 3) or images_out.dtype != np.uint8):
+    raise ValueError(f"resize_sample: images_out has {images_out.dtype} {images_out.shape}, expected uint8 "
+                     f"{(T, V, H, W, 3)}")
   if (H0, W0) == (H, W):
+    if images_out is not None:
+      images_out[...] = images
+      out["images"] = images_out
     return out
-  resized = np.empty((T, V, H, W, 3), np.uint8)
+  resized = np.empty((T, V, H, W, 3), np.uint8) if images_out is None else images_out
   for t in range(T):
     for v in range(V):
       resized[t, v] = np.asarray(Image.fromarray(images[t, v]).resize((W, H), Image.BILINEAR))

@@ -142,17 +142,15 @@ _FIXED_KEYS = {"NB": "max_boxes", "NL": "max_lidar_points", "NP": "max_map_polyl
 
 
 class _Processor:
-  """Per-sample transform: bucket resize + conditions (picklable for grain worker processes)."""
+  """Per-sample check and bucket tag (picklable for grain worker processes). The heavy per-sample work (resize and
+  drawing) happens in ``_Collate`` so that it writes straight into the batch arrays instead of being copied."""
 
   def __init__(self, config: Mapping[str, Any], seed: int, local_batch: int):
-    self.sizes, _ = _buckets(config)
+    _buckets(config)  # validates
     self.config = {k: config[k] for k in ("buckets", "num_frames", "num_views")}
     self.config["shuffle_seed"] = int(config.get("shuffle_seed", 0))
     self.seed = int(seed)
     self.local_batch = local_batch
-    self.line_width = float(config.get("line_width", conditions.DEFAULT_LINE_WIDTH))
-    self.map_range = float(config.get("map_range", conditions.DEFAULT_MAP_RANGE))
-    self.near = float(config.get("near", 0.1))
 
   def __call__(self, index: int, sample: Mapping[str, Any]) -> dict[str, Any]:
     dims = schema.validate(sample)
@@ -163,11 +161,8 @@ class _Processor:
     if dims["V"] != self.config["num_views"]:
       raise schema.SampleError(f"sample {name} has V={dims['V']} views, data config num_views="
                                f"{self.config['num_views']}")
-    bucket = bucket_for_batch(self.config, self.seed, index // self.local_batch)
-    H, W = self.sizes[bucket]
-    out = conditions.add_conditions(conditions.resize_sample(sample, H, W), line_width=self.line_width,
-                                    map_range=self.map_range, near=self.near)
-    out["bucket"] = np.int32(bucket)
+    out = dict(sample)
+    out["bucket"] = np.int32(bucket_for_batch(self.config, self.seed, index // self.local_batch))
     return out
 
 
@@ -197,10 +192,15 @@ def _fit(name: str, x: np.ndarray, axis: int, size: int, sample: Mapping[str, An
 
 
 class _Collate:
-  """Stacks processed samples into a batch dict (picklable)."""
+  """Resizes the samples of one batch to its bucket, draws the conditions into preallocated batch arrays and stacks
+  the remaining fields (picklable)."""
 
   def __init__(self, config: Mapping[str, Any]):
+    self.sizes, _ = _buckets(config)
     self.fixed = {sym: config.get(key) for sym, key in _FIXED_KEYS.items()}
+    self.line_width = float(config.get("line_width", conditions.DEFAULT_LINE_WIDTH))
+    self.map_range = float(config.get("map_range", conditions.DEFAULT_MAP_RANGE))
+    self.near = float(config.get("near", 0.1))
     self.text_path = config.get("text_embeddings") or None
     self._store = None
 
@@ -220,18 +220,37 @@ class _Collate:
     return state
 
   def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    buckets = {int(s["bucket"]) for s in samples}
+    if len(buckets) != 1:
+      raise RuntimeError(f"batch mixes buckets {sorted(buckets)}; batches must be aligned to local_batch")
+    H, W = self.sizes[buckets.pop()]
+    B = len(samples)
+    T, V = np.shape(samples[0]["images"])[:2]
+    batch: dict[str, Any] = {
+        "images": np.empty((B, T, V, H, W, 3), np.uint8),
+        "box_images": np.empty((B, T, V, H, W, 3), np.uint8),
+        "map_images": np.empty((B, T, V, H, W, 3), np.uint8),
+        "depth": np.empty((B, T, V, H, W), np.float32),
+        "sky_mask": np.zeros((B, T, V, H, W), bool),
+    }
+    processed = []
+    for j, s in enumerate(samples):
+      r = conditions.resize_sample(s, H, W, images_out=batch["images"][j])
+      r = conditions.add_conditions(r, line_width=self.line_width, map_range=self.map_range, near=self.near,
+                                    out={k: batch[k][j] for k in ("box_images", "map_images", "depth")})
+      if "sky_mask" in r:
+        batch["sky_mask"][j] = r["sky_mask"]
+      processed.append(r)
     sizes = {}
     for name, axes in _RAGGED.items():
       for axis, sym in axes:
-        want = self.fixed[sym] or max(s[name].shape[axis] for s in samples)
-        sizes[sym] = int(want)
-    batch: dict[str, Any] = {}
-    fields = list(schema.FIELDS) + list(schema.DERIVED_FIELDS) + ["original_size", "bucket"]
-    for name in fields:
-      if name == "captions":
+        sizes[sym] = int(self.fixed[sym] or max(s[name].shape[axis] for s in processed))
+    skip = set(batch) | {"captions"}
+    for name in list(schema.FIELDS) + list(schema.DERIVED_FIELDS) + ["original_size", "bucket"]:
+      if name in skip:
         continue
       arrays = []
-      for s in samples:
+      for s in processed:
         x = np.asarray(s[name])
         for axis, sym in _RAGGED.get(name, []):
           if x.shape[axis] != sizes[sym]:
@@ -241,12 +260,10 @@ class _Collate:
       if len(shapes) > 1:
         raise schema.SampleError(f"batch field {name!r} has mixed shapes {sorted(shapes)}")
       batch[name] = np.stack(arrays)
-    batch["captions"] = np.stack([np.asarray(s["captions"], object) for s in samples])
-    batch["sky_mask"] = np.stack([np.asarray(s["sky_mask"], bool) if "sky_mask" in s
-                                  else np.zeros(s["images"].shape[:4], bool) for s in samples])
-    batch["has_sky_mask"] = np.array(["sky_mask" in s for s in samples])
-    batch["dataset"] = np.array([s["dataset"] for s in samples], object)
-    batch["clip_id"] = np.array([s["clip_id"] for s in samples], object)
+    batch["captions"] = np.stack([np.asarray(s["captions"], object) for s in processed])
+    batch["has_sky_mask"] = np.array(["sky_mask" in s for s in processed])
+    batch["dataset"] = np.array([s["dataset"] for s in processed], object)
+    batch["clip_id"] = np.array([s["clip_id"] for s in processed], object)
     if self.text_path:
       caps = batch["captions"]
       embeds, pooled = self._text_store().lookup([str(c) for c in caps.reshape(-1)])

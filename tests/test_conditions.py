@@ -208,3 +208,14 @@ def test_resize_sample_and_add_conditions():
   assert full["depth"].max() == pytest.approx(20.0, abs=1e-4)
   with pytest.raises(ValueError, match="resize_sample"):
     conditions.add_conditions(r, (90, 160))
+  # Drawing into preallocated (non-zero) batch rows gives the same result without allocating.
+  rows = {"box_images": np.full((2, 1, 2, 45, 80, 3), 7, np.uint8), "map_images": np.full((2, 1, 2, 45, 80, 3), 7,
+                                                                                              np.uint8),
+          "depth": np.full((2, 1, 2, 45, 80), 7, np.float32), "images": np.zeros((2, 1, 2, 45, 80, 3), np.uint8)}
+  r2 = conditions.resize_sample(s, 45, 80, images_out=rows["images"][1])
+  in_place = conditions.add_conditions(r2, out={k: rows[k][1] for k in ("box_images", "map_images", "depth")})
+  for k in ("images", "box_images", "map_images", "depth"):
+    np.testing.assert_array_equal(rows[k][1], full[k], err_msg=k)
+    assert np.shares_memory(in_place[k], rows[k])
+  with pytest.raises(ValueError, match="box_images: out"):
+    conditions.box_images(r, out=np.zeros((1, 2, 45, 81, 3), np.uint8))
