@@ -1,0 +1,233 @@
+"""The Flax SD3.5 VAE against diffusers' AutoencoderKL (random init, reduced width, real block structure), the folder
+importer's error reporting, the chunked/latent-normalisation paths, and a short CPU training run."""
+import json
+import os
+import shutil
+import sys
+import time
+
+# The venv's PyPI torchvision does not load beside the CPU torch; marking it absent keeps transformers (imported by
+# diffusers) from trying. Nothing here needs torchvision.
+if "torchvision" not in sys.modules:
+  sys.modules["torchvision"] = None
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import traverse_util
+from safetensors.numpy import save_file
+from skimage import data
+
+from cvd_storm_jax import losses
+from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, param_count, sample
+from cvd_storm_jax.pretrained.common import WeightImportError, param_shapes, read_folder, rename
+from cvd_storm_jax.pretrained.vae import load_vae, vae_rules
+
+TINY = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def _torch_vae(quant: bool):
+  from diffusers import AutoencoderKL as TorchVAE
+  torch.manual_seed(1 if quant else 0)
+  vae = TorchVAE(**TINY, use_quant_conv=quant, use_post_quant_conv=quant).eval()
+  with torch.no_grad():  # GroupNorm params start at (1, 0): perturb them so that a scale/bias mix-up shows.
+    for name, p in vae.named_parameters():
+      if "norm" in name:
+        p.add_(0.2 * torch.randn_like(p))
+  return vae
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  """{"sd3": an AutoencoderKL folder without quant convs, "sd1_root": a checkpoint root with vae/ (quant convs)}."""
+  root = tmp_path_factory.mktemp("vae")
+  models = {"sd3": _torch_vae(False), "sd1_root": _torch_vae(True)}
+  models["sd3"].save_pretrained(root / "sd3")
+  models["sd1_root"].save_pretrained(root / "sd1_root" / "vae")
+  (root / "sd1_root" / "transformer").mkdir()  # a checkpoint root has other subfolders too
+  return {k: str(root / k) for k in models}, models
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("which", ["sd3", "sd1_root"])
+def test_matches_diffusers(folders, which):
+  paths, models = folders
+  torch_vae = models[which]
+  vae, params = load_vae(paths[which])
+  assert vae.config.use_quant_conv == (which == "sd1_root")
+  assert vae.config.block_out_channels == (32, 32, 64, 64) and vae.config.shift_factor == 0.0609
+  x = np.random.RandomState(0).uniform(-1, 1, (2, 3, 64, 48)).astype(np.float32)
+  with torch.no_grad():
+    dist = torch_vae.encode(torch.from_numpy(x)).latent_dist
+    z = torch.from_numpy(np.random.RandomState(1).randn(*dist.mean.shape).astype(np.float32))
+    want_img = torch_vae.decode(z).sample.numpy().transpose(0, 2, 3, 1)
+  want_mean, want_logvar = (t.numpy().transpose(0, 2, 3, 1) for t in (dist.mean, dist.logvar))
+  mean, logvar = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.encode))(params, x.transpose(0, 2, 3, 1))
+  img = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.decode))(params, z.numpy().transpose(0, 2, 3, 1))
+  errs = _rel(mean, want_mean), _rel(logvar, want_logvar), _rel(img, want_img)
+  print(which, "max rel err mean/logvar/decode:", errs)
+  assert mean.shape == (2, 8, 6, 16) and img.shape == (2, 64, 48, 3)
+  assert max(errs) <= 1e-5
+
+
+def _write_variant(src: str, dst: str, edit) -> str:
+  config, state = read_folder(src)
+  state = {k: np.array(v) for k, v in state.items()}
+  edit(state)
+  os.makedirs(dst)
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(config, f)
+  save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+  return dst
+
+
+def test_import_errors_name_key_and_shapes(folders, tmp_path):
+  src = folders[0]["sd3"]
+  key = "decoder.up_blocks.1.resnets.0.conv1.weight"
+  with pytest.raises(WeightImportError, match="does not exist"):
+    load_vae(str(tmp_path / "nowhere"))
+  with pytest.raises(WeightImportError, match="neither an AutoencoderKL"):
+    os.makedirs(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    load_vae(str(tmp_path / "unet"))
+
+  missing = _write_variant(src, str(tmp_path / "missing"), lambda s: s.pop(key))
+  with pytest.raises(WeightImportError, match=r"missing key: Flax param 'decoder/up_blocks_1/resnets_0/conv1/kernel' "
+                                              r"\(3, 3, 64, 64\)"):
+    load_vae(missing)
+
+  extra = _write_variant(src, str(tmp_path / "extra"),
+                         lambda s: s.update({"encoder.mid_block.attentions.0.rel_pos": np.zeros((4, 4), np.float32)}))
+  with pytest.raises(WeightImportError, match=r"unexpected key 'encoder\.mid_block\.attentions\.0\.rel_pos' \(4, 4\)"):
+    load_vae(extra)
+
+  def shrink(s):
+    s[key] = s[key][:32]
+  wrong = _write_variant(src, str(tmp_path / "wrong"), shrink)
+  with pytest.raises(WeightImportError, match=rf"shape mismatch: torch '{key}' \(32, 64, 3, 3\) -> Flax "
+                                              r"'decoder/up_blocks_1/resnets_0/conv1/kernel' expects \(3, 3, 64, 64\)"):
+    load_vae(wrong)
+
+  bad_cfg = str(tmp_path / "gelu")
+  shutil.copytree(src, bad_cfg)
+  cfg = json.load(open(os.path.join(bad_cfg, "config.json")))
+  cfg["act_fn"] = "gelu"
+  json.dump(cfg, open(os.path.join(bad_cfg, "config.json"), "w"))
+  with pytest.raises(WeightImportError, match="act_fn='gelu' is not supported"):
+    load_vae(bad_cfg)
+
+
+def test_sd35_structure_covered_by_rules():
+  """Full-size SD3.5 config: every diffusers tensor renames onto a Flax param of the laid-out shape, 1:1."""
+  from diffusers import AutoencoderKL as TorchVAE
+  with torch.device("meta"):
+    torch_vae = TorchVAE(**{**TINY, "block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32},
+                         use_quant_conv=False, use_post_quant_conv=False)
+  vae = AutoencoderKL(VAEConfig.sd35())
+  shapes = param_shapes(vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  flat = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+  seen = set()
+  for key, t in torch_vae.state_dict().items():
+    path, transform = rename(key, vae_rules())
+    assert path in flat and path not in seen, key
+    seen.add(path)
+    assert transform(np.broadcast_to(np.float32(0), tuple(t.shape))).shape == flat[path], key
+  assert seen == set(flat)
+  assert param_count(shapes) == sum(p.numel() for p in torch_vae.parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+  vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=8, layers_per_block=1))
+  # Host-side init with PyTorch's default U(+-1/sqrt(fan_in)) kernels: compiling flax's init program (threefry per
+  # param) costs ~10 s of CPU, far more than the model itself.
+  shapes = param_shapes(vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rs = np.random.RandomState(0)
+
+  def init(path, leaf):
+    if path[-1].key == "kernel":
+      return jnp.asarray(rs.uniform(-1, 1, leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), jnp.float32)
+    return jnp.full(leaf.shape, 1.0 if path[-1].key == "scale" else 0.0, jnp.float32)
+  return vae, jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def test_chunked_paths_and_sd3_latent_normalisation(tiny_vae):
+  vae, params = tiny_vae
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (5, 16, 24, 3)), jnp.float32)
+  mean, logvar = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.encode))(params, x)
+  # SD3: model latents = (z - 0.0609) * 1.5305 after sampling the posterior (chunked encode: 5 frames, chunks of 2).
+  rng = jax.random.PRNGKey(3)
+  lat = jax.jit(lambda p, v: vae.encode_for_diffusion(p, v, rng, chunk=2))(params, x)
+  z = sample(mean, logvar, rng)
+  np.testing.assert_allclose(lat, (z - 0.0609) * 1.5305, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vae.from_model_latents(vae.to_model_latents(z)), z, rtol=1e-6, atol=1e-6)
+  # ... and the pipeline inverts that before decoding (chunked decode: chunks of 2).
+  img = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.decode))(params, z)
+  img_c = jax.jit(lambda p, v: vae.decode_from_diffusion(p, v, chunk=2))(params, lat)
+  assert img_c.shape == (5, 16, 24, 3)
+  np.testing.assert_allclose(img_c, img, rtol=1e-4, atol=5e-5)
+  with pytest.raises(ValueError, match="not a multiple of the VAE's downsample factor 8"):
+    jax.eval_shape(lambda v: vae.apply({"params": params}, v, method=vae.encode), x[:, :12])
+
+
+def test_bf16_compute_close_to_fp32(tiny_vae):
+  vae, params = tiny_vae
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  ref, _, _ = jax.jit(vae.apply)({"params": params}, x)
+  vae16 = AutoencoderKL(vae.config, dtype=jnp.bfloat16)
+  out, mean, _ = jax.jit(vae16.apply)({"params": params}, x)
+  assert out.dtype == jnp.float32 and mean.dtype == jnp.float32  # outputs and stats come back in fp32
+  assert _rel(out, np.asarray(ref)) < 5e-2
+
+
+def _photo_crops(n: int, size: int, rs: np.random.RandomState) -> np.ndarray:
+  photos = [data.astronaut(), data.coffee(), data.chelsea()]
+  out = []
+  for _ in range(n):
+    img = photos[rs.randint(3)]
+    r, c = rs.randint(img.shape[0] - 2 * size), rs.randint(img.shape[1] - 2 * size)
+    out.append(img[r:r + 2 * size:2, c:c + 2 * size:2])  # 2x subsampled: more structure per pixel
+  return np.stack(out).astype(np.float32) / 127.5 - 1.0
+
+
+def test_training_lowers_reconstruction_error(tiny_vae):
+  vae, params = tiny_vae
+  rs = np.random.RandomState(0)
+  train = _photo_crops(64, 32, rs)
+  held_out = _photo_crops(16, 32, rs)
+  weights = {"mse": 1.0, "lpips": 0.0, "kl": 1e-4}
+  opt = optax.adam(2e-3)
+
+  def loss_fn(p, x, rng):
+    recon, mean, logvar = vae.apply({"params": p}, x, rng)
+    return losses.vae_loss(recon, x, mean, logvar, None, weights)
+
+  @jax.jit
+  def step(p, o, x, rng):
+    (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, rng)
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o, m
+
+  @jax.jit
+  def eval_psnr(p):
+    recon, _, _ = vae.apply({"params": p}, held_out)
+    return jnp.mean(losses.psnr(recon, held_out))
+
+  before = float(eval_psnr(params))
+  o = opt.init(params)
+  t0 = time.time()
+  for i in range(150):
+    idx = rs.randint(0, len(train), 4)
+    params, o, m = step(params, o, train[idx], jax.random.PRNGKey(i))
+  after = float(eval_psnr(params))
+  print(f"held-out PSNR {before:.2f} dB -> {after:.2f} dB after 150 steps ({time.time() - t0:.1f} s); "
+        f"last train mse {float(m['mse']):.4f} kl {float(m['kl']):.3f}")
+  assert np.isfinite(after) and after > before + 3.0
