@@ -21,6 +21,7 @@ construction; they need the ``text`` extra. Any object with the transformers tok
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -37,6 +38,21 @@ def join_clip_t5(clip: jax.Array, t5: jax.Array) -> jax.Array:
     raise ValueError(f"CLIP channels {clip.shape[-1]} exceed the T5/joint width {t5.shape[-1]}")
   clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
   return jnp.concatenate([clip.astype(t5.dtype), t5], axis=-2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _encode(clip_l: CLIPTextModelWithProjection, clip_g: CLIPTextModelWithProjection, t5: T5EncoderModel | None,
+            joint_dim: int, layer: int, t5_length: int, params: dict, ids: dict) -> dict[str, jax.Array]:
+  """One compiled program for the three encoders. The modules are static (hashable by value), so every bundle with
+  the same architecture reuses the compilation."""
+  out_l = clip_l.apply({"params": params["clip_l"]}, ids["clip_l"])
+  out_g = clip_g.apply({"params": params["clip_g"]}, ids["clip_g"])
+  if t5 is not None:
+    t5_hidden = t5.apply({"params": params["t5"]}, ids["t5"])
+  else:
+    t5_hidden = jnp.zeros((ids["clip_l"].shape[0], t5_length, joint_dim), out_l["hidden_states"][layer].dtype)
+  clip = jnp.concatenate([out_l["hidden_states"][layer], out_g["hidden_states"][layer]], axis=-1)
+  return {"clip": clip, "t5": t5_hidden, "pooled": jnp.concatenate([out_l["text_embeds"], out_g["text_embeds"]], -1)}
 
 
 @dataclasses.dataclass
@@ -58,7 +74,6 @@ class SD3TextEncoders:
       if self.t5_params is None or self.tokenizer_t5 is None:
         raise ValueError("a T5 encoder needs its params and tokenizer")
       self.joint_dim = self.t5.config.d_model
-    self._jitted = {}
 
   @property
   def clip_length(self) -> int:
@@ -77,25 +92,6 @@ class SD3TextEncoders:
       ids["t5"] = self.tokenizer_t5(prompts, max_length=t5_length, add_special_tokens=True, **kw).input_ids
     return {k: np.asarray(v, np.int32) for k, v in ids.items()}
 
-  def _encode_fn(self, clip_skip: int | None, t5_length: int):
-    key = (clip_skip, t5_length)
-    if key not in self._jitted:
-      layer = -2 if clip_skip is None else -(clip_skip + 2)
-
-      def fn(params, ids):
-        out_l = self.clip_l.apply({"params": params["clip_l"]}, ids["clip_l"])
-        out_g = self.clip_g.apply({"params": params["clip_g"]}, ids["clip_g"])
-        if self.t5 is not None:
-          t5 = self.t5.apply({"params": params["t5"]}, ids["t5"])
-        else:
-          t5 = jnp.zeros((ids["clip_l"].shape[0], t5_length, self.joint_dim), out_l["hidden_states"][layer].dtype)
-        clip = jnp.concatenate([out_l["hidden_states"][layer], out_g["hidden_states"][layer]], axis=-1)
-        return {"clip": clip, "t5": t5,
-                "pooled": jnp.concatenate([out_l["text_embeds"], out_g["text_embeds"]], axis=-1)}
-
-      self._jitted[key] = jax.jit(fn)
-    return self._jitted[key]
-
   def encode_parts(self, prompts: Sequence[str], *, t5_length: int = 256, clip_skip: int | None = None
                    ) -> dict[str, jax.Array]:
     """The un-padded pieces: {"clip": [B, 77, Dl + Dg], "t5": [B, t5_length, joint_dim], "pooled": [B, Pl + Pg]}.
@@ -104,7 +100,8 @@ class SD3TextEncoders:
     params = {"clip_l": self.clip_l_params, "clip_g": self.clip_g_params}
     if self.t5 is not None:
       params["t5"] = self.t5_params
-    return self._encode_fn(clip_skip, t5_length)(params, ids)
+    return _encode(self.clip_l, self.clip_g, self.t5, self.joint_dim, -2 if clip_skip is None else -(clip_skip + 2),
+                   t5_length, params, ids)
 
   def encode_prompts(self, prompts: Sequence[str], *, t5_length: int = 256, clip_skip: int | None = None
                      ) -> tuple[jax.Array, jax.Array]:
