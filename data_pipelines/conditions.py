@@ -59,12 +59,14 @@ def _target_hw(sample: Mapping[str, Any], hw: tuple[int, int] | None) -> tuple[t
 
 
 def _original_hw(sample: Mapping[str, Any]) -> np.ndarray:
-  """Original (H0, W0) per view [V, 2]."""
+  """Original (H0, W0) per view [V, 2]; the current size where original_size is absent or not positive (readers
+  leave padded view slots at 0)."""
   V, H, W = np.shape(sample["images"])[1:4]
+  current = np.tile(np.array([[H, W]], np.float64), (V, 1))
   if "original_size" in sample:
-    wh = np.asarray(sample["original_size"], np.float64).reshape(V, 2)
-    return wh[:, ::-1]
-  return np.tile(np.array([[H, W]], np.float64), (V, 1))
+    hw = np.asarray(sample["original_size"], np.float64).reshape(V, 2)[:, ::-1]
+    return np.where(np.all(hw > 0, axis=1, keepdims=True), hw, current)
+  return current
 
 
 def scaled_line_width(base: float, hw: tuple[int, int], original_hw: tuple[float, float]) -> int:
@@ -272,7 +274,7 @@ def camera_params(sample: Mapping[str, Any]) -> np.ndarray:
   fps = np.broadcast_to(np.float64(np.asarray(sample["fps"])), (T, V))
   out = np.stack([fps, K[..., 0, 0] / h0, K[..., 1, 1] / h0, K[..., 0, 2] / w0, K[..., 1, 2] / h0,
                   E[..., 2], E[..., 6], E[..., 10], E[..., 3], E[..., 7], E[..., 11]], axis=-1)
-  out = out * np.asarray(sample["view_mask"], bool)[None, :, None]
+  out = np.where(np.asarray(sample["view_mask"], bool)[None, :, None], out, 0.0)  # padded slots: zeros
   return out.astype(np.float32)
 
 

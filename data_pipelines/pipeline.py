@@ -40,8 +40,11 @@ Output batch (leading dim B = batch_size / process_count; all numpy):
 Condition dropout is not done here (the model task does it).
 
 API:
-  register_source(name, factory)   factory(config, *, seed) -> grain RandomAccessDataSource of schema samples
-                                   (T = num_frames frames, V = num_views slots, at any resolution).
+  register_source(name, factory)   a grain RandomAccessDataSource factory, called with keyword arguments only:
+                                   factory(config=, seed=, path=root, clip_frames=num_frames,
+                                   frame_stride=, num_views=) -- it must accept **unused for the ones it ignores.
+                                   Items are schema samples (T = num_frames, V = num_views, any resolution).
+                                   "arrayrecord" (arrayrecord_source.make_source) is imported on first use.
   make_dataset(config, *, seed, process_index=0, process_count=1) -> grain.IterDataset of batches
   make_iterator(config, *, seed, process_index=0, process_count=1) -> grain.DatasetIterator (get_state/set_state)
   bucket_for_batch(config, seed, batch_index) -> int      the bucket index of (global) batch ``batch_index``
@@ -65,11 +68,12 @@ from . import synthetic
 SourceFactory = Callable[..., Any]
 _SOURCES: dict[str, SourceFactory] = {}
 # Sources provided by other modules, imported on first use so that their heavy deps stay optional.
-_LAZY_SOURCES = {"arrayrecord": "cvd_storm_jax.data_pipelines.convert"}
+_LAZY_SOURCES = {"arrayrecord": "cvd_storm_jax.data_pipelines.arrayrecord_source"}
 
 
 def register_source(name: str, factory: SourceFactory) -> None:
-  """Registers ``factory(config, *, seed) -> RandomAccessDataSource`` under ``name`` (overrides an older one)."""
+  """Registers a source factory under ``name`` (overrides an older one); see the module docstring for the
+  keyword arguments it is called with."""
   if not callable(factory):
     raise TypeError(f"source factory for {name!r} must be callable, got {type(factory).__name__}")
   _SOURCES[name] = factory
@@ -86,8 +90,14 @@ def get_source_factory(name: str) -> SourceFactory:
   return _SOURCES[name]
 
 
-def _synthetic_factory(config: Mapping[str, Any], *, seed: int) -> synthetic.SyntheticSource:
-  del seed  # the shuffle seed must not change the clip contents (a dataset is fixed); synthetic.seed does
+def _make_source(name: str, config: Mapping[str, Any], seed: int):
+  factory = get_source_factory(name)
+  return factory(config=config, seed=seed, path=config.get("root", ""), clip_frames=int(config["num_frames"]),
+                 frame_stride=int(config.get("frame_stride", 1)), num_views=int(config["num_views"]))
+
+
+def _synthetic_factory(*, config: Mapping[str, Any], **unused) -> synthetic.SyntheticSource:
+  # The shuffle seed must not change the clip contents (a dataset is fixed): only synthetic.seed does.
   opts = config.get("synthetic") or {}
   opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
   content_seed = int(opts.pop("seed", 0))
@@ -293,7 +303,7 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
   datasets, weights = [], []
   for k, entry in enumerate(mix):
     name, weight = entry
-    source = get_source_factory(name)(config, seed=shuffle_seed)
+    source = _make_source(name, config, shuffle_seed)
     if len(source) == 0:
       raise ValueError(f"data source {name!r} is empty")
     # Global shuffle, re-shuffled every epoch (repeat passes the epoch through to the shuffle).

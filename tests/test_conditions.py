@@ -165,6 +165,8 @@ def test_camera_params_against_hand_computed():
   # Left camera: z axis = ego +y.
   np.testing.assert_allclose(p[1, 1, 5:8], [0, 1, 0], atol=1e-6)
   np.testing.assert_array_equal(p[:, 2], 0)  # padded slot
+  s["original_size"][2] = 0  # readers leave padded slots at 0: still finite zeros, not NaN
+  np.testing.assert_array_equal(conditions.camera_params(s)[:, 2], 0)
   # Without original_size the current image size normalises.
   s.pop("original_size")
   K = s["intrinsics"][0, 0]

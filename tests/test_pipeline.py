@@ -29,16 +29,20 @@ class TaggedSource:
     return f"TaggedSource({self.tag}, {self.n})"
 
 
+_BASE_CLIPS = []
+
+
 @pytest.fixture(scope="module")
 def base_clips():
-  return [synthetic.generate_clip(0, i, _BASE_OPTS) for i in range(2)]
+  _BASE_CLIPS[:] = [synthetic.generate_clip(0, i, _BASE_OPTS) for i in range(2)]
+  return _BASE_CLIPS
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tagged_sources(base_clips):
-  pipeline.register_source("tagged_a", lambda config, *, seed: TaggedSource("a", 50, base_clips))
-  pipeline.register_source("tagged_b", lambda config, *, seed: TaggedSource("b", 30, base_clips))
-  pipeline.register_source("bad_frames", lambda config, *, seed: TaggedSource(
+  pipeline.register_source("tagged_a", lambda **unused: TaggedSource("a", 50, base_clips))
+  pipeline.register_source("tagged_b", lambda **unused: TaggedSource("b", 30, base_clips))
+  pipeline.register_source("bad_frames", lambda **unused: TaggedSource(
       "x", 4, [synthetic.generate_clip(0, 0, synthetic.SyntheticOptions(height=32, width=56, num_frames=3))]))
 
 
@@ -197,3 +201,31 @@ def test_fixed_padding_and_errors(base_clips):
     pipeline.default_data_config("huge")
   paper = pipeline.default_data_config("paper")
   assert paper.num_frames == 19 and [b[2] for b in paper.buckets] == [0.1, 0.3, 0.6]
+
+
+def test_arrayrecord_source_plugs_in(tmp_path):
+  """The converter's ArrayRecord source (another module) through the registry: Waymo-like 5-of-6 views."""
+  import waymo_fixture as wf  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path under pytest)
+  from cvd_storm_jax.data_pipelines import convert  # pylint: disable=g-import-not-at-top
+  (tmp_path / "src").mkdir()
+  wf.write_segment(tmp_path / "src", "ctxA", 5)
+  convert.convert("waymo", str(tmp_path / "src"), str(tmp_path / "out"), image_size=(16, 24), clip_frames=3,
+                  reader_kwargs=dict(max_points=64, max_boxes=4), progress=False)
+  c = _config(mix=[("arrayrecord", 1.0), ("tagged_a", 1.0)], root=str(tmp_path / "out"), num_frames=3,
+              batch_size=2, max_boxes=None, max_lidar_points=None, max_map_polylines=None, max_map_points=None)
+  pipeline.register_source("tagged_a", lambda **unused: TaggedSource("a", 50, [synthetic.generate_clip(
+      0, 0, synthetic.SyntheticOptions(height=32, width=56, num_frames=3))]))
+  try:
+    it = pipeline.make_iterator(c, seed=0)
+    b = next(it)
+  finally:
+    pipeline.register_source("tagged_a", lambda **unused: TaggedSource("a", 50, _BASE_CLIPS))
+  assert b["images"].shape[:5] == (2, 3, 6, 32, 56)
+  assert sorted(b["dataset"]) == ["synthetic", "waymo"]
+  w = list(b["dataset"]).index("waymo")
+  assert b["view_mask"][w].sum() == 5 and not b["has_sky_mask"][w] and not b["sky_mask"][w].any()
+  np.testing.assert_array_equal(b["images"][w][:, ~b["view_mask"][w]], 0)  # padded slot stays black
+  # Ragged sizes padded to the batch maximum with the documented fills.
+  assert b["boxes"].shape[2] == synthetic.SyntheticOptions().max_boxes  # max(4 Waymo, 24 synthetic)
+  assert (b["box_class"][w][~b["box_mask"][w]] == -1).all() and (b["box_track_id"][w][~b["box_mask"][w]] == -1).all()
+  assert np.isfinite(b["camera_params"]).all() and (b["camera_params"][w][:, ~b["view_mask"][w]] == 0).all()
