@@ -36,7 +36,8 @@ Output batch (leading dim B = batch_size / process_count; all numpy):
   box_class / box_track_id int32 [B, T, NB], box_mask bool [B, T, NB], map_points float32 [B, NP, NK, 3],
   map_class int32 [B, NP], map_mask bool [B, NP, NK], lidar_points float32 [B, T, NL, 3], lidar_mask bool [B, T, NL],
   captions object [B, T, V] (str), dataset / clip_id object [B] (str), bucket int32 [B] (index into buckets);
-  with text_embeddings: text_tokens float32 [B, T, V, L, D], pooled_text float32 [B, T, V, D].
+  with text_embeddings: text_tokens [B, T, V, L, D], pooled_text [B, T, V, P] in the store's dtype (SD3 layout:
+  CLIP zero-padded to D ; T5 on the sequence axis, see text_store.TextEmbeddingStore.lookup).
 Condition dropout is not done here (the model task does it).
 
 API:
@@ -275,10 +276,7 @@ class _Collate:
     batch["dataset"] = np.array([s["dataset"] for s in processed], object)
     batch["clip_id"] = np.array([s["clip_id"] for s in processed], object)
     if self.text_path:
-      caps = batch["captions"]
-      embeds, pooled = self._text_store().lookup([str(c) for c in caps.reshape(-1)])
-      batch["text_tokens"] = np.asarray(embeds).reshape(caps.shape + np.shape(embeds)[1:])
-      batch["pooled_text"] = np.asarray(pooled).reshape(caps.shape + np.shape(pooled)[1:])
+      batch["text_tokens"], batch["pooled_text"] = self._text_store().lookup(batch["captions"])
     return batch
 
 

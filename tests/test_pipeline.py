@@ -229,3 +229,23 @@ def test_arrayrecord_source_plugs_in(tmp_path):
   assert b["boxes"].shape[2] == synthetic.SyntheticOptions().max_boxes  # max(4 Waymo, 24 synthetic)
   assert (b["box_class"][w][~b["box_mask"][w]] == -1).all() and (b["box_track_id"][w][~b["box_mask"][w]] == -1).all()
   assert np.isfinite(b["camera_params"]).all() and (b["camera_params"][w][:, ~b["view_mask"][w]] == 0).all()
+
+
+def test_text_embeddings_attached(tmp_path, base_clips):
+  """A hand-written TextEmbeddingStore (its documented on-disk format) with row i's values = i."""
+  import json  # pylint: disable=g-import-not-at-top
+  caps = sorted({str(c) for s in base_clips for c in s["captions"].reshape(-1)})
+  n, L, D, P = len(caps), 3, 4, 2
+  rows = np.arange(n, dtype=np.float32)
+  np.save(tmp_path / "clip.npy", np.broadcast_to(rows[:, None, None], (n, L, D)).copy())
+  np.save(tmp_path / "pooled.npy", np.broadcast_to(rows[:, None], (n, P)).copy())
+  (tmp_path / "meta.json").write_text(json.dumps(dict(
+      format="cvd_storm_text_embeddings/v1", captions=caps, clip_length=L, t5_length=0, clip_dim=D, joint_dim=D,
+      pooled_dim=P, dtype="float32", has_t5=False)))
+  (tmp_path / "progress.json").write_text(json.dumps({"done": n}))
+  c = _config(mix=[("tagged_a", 1.0)], text_embeddings=str(tmp_path))
+  b = next(pipeline.make_iterator(c, seed=0))
+  assert b["text_tokens"].shape == (2, 2, 6, L, D) and b["pooled_text"].shape == (2, 2, 6, P)
+  for idx in np.ndindex(*b["captions"].shape):
+    assert b["pooled_text"][idx][0] == caps.index(b["captions"][idx])
+    assert np.all(b["text_tokens"][idx] == caps.index(b["captions"][idx]))
