@@ -1,0 +1,232 @@
+"""CVDDiT: shapes, composition with the plain MM-DiT, masking/locality of the added blocks, gradients, bf16, FLOPs."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax.core import meta
+
+from cvd_storm_jax.models import cvd_dit
+from cvd_storm_jax.models.mmdit import SD3Transformer
+from cvd_storm_jax.pretrained.sd3_transformer import split_mmdit
+
+B, T, V, H, W, L = 2, 3, 3, 4, 6, 5
+SD3_KEYS = ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+            "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+            "pos_embed_max_size", "dual_attention_layers", "qk_norm")
+
+
+def make_inputs(cfg, seed=0, b=B, t=T, v=V, h=H, w=W):
+  rng = np.random.default_rng(seed)
+  f = cfg.layout_downscale
+  return dict(
+      latents=jnp.asarray(rng.standard_normal((b, t, v, h, w, cfg.in_channels)), jnp.float32),
+      timesteps=jnp.asarray(rng.uniform(0, 1000, (b, t, v)), jnp.float32).at[:, 0].set(0.0),  # frame 0: reference
+      text_tokens=jnp.asarray(rng.standard_normal((b, t, v, L, cfg.joint_attention_dim)), jnp.float32),
+      pooled_text=jnp.asarray(rng.standard_normal((b, t, v, cfg.pooled_projection_dim)), jnp.float32),
+      layout_images=jnp.asarray(rng.uniform(0, 1, (b, t, v, h * f, w * f, cfg.layout_channels)), jnp.float32),
+      camera_params=jnp.asarray(rng.standard_normal((b, t, v, 11)), jnp.float32),
+      view_adjacency=jnp.ones((b, v, v), bool),
+      disable_temporal=jnp.zeros((b,), bool),
+      disable_crossview=jnp.zeros((b,), bool),
+  )
+
+
+def random_params(model, inputs, seed=0):
+  """Random params of the model's shapes (numpy; avoids compiling ``init`` of the whole model on a busy CPU).
+
+  Same conventions as the real init where they matter: norm scales near 1, AlphaBlender mix_factor 2.0, the
+  layout adapter's zero_convs exactly 0 (the real init of those is checked in test_zero_init_adapter_is_a_no_op).
+  """
+  shapes = meta.unbox(jax.eval_shape(model.init, jax.random.key(0), **inputs))["params"]
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if "zero_convs" in name:
+      return np.zeros(x.shape, np.float32)
+    if "mix_factor" in name:
+      return np.full(x.shape, 2.0, np.float32)
+    if name.endswith("['scale']"):
+      return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    if name.endswith("['bias']"):
+      return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    fan_in = int(np.prod(x.shape[:-1]))
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = cvd_dit.default_model_config("tiny")
+  model = cvd_dit.CVDDiT(**cfg)
+  inputs = make_inputs(cfg)
+  params = random_params(model, inputs)
+  apply = jax.jit(lambda p, kw: model.apply({"params": p}, **kw))
+  return cfg, model, params, inputs, apply
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+  """Every feature in a single MM-DiT layer (dual attention, temporal, cross-view, 1 adapter block): cheap compiles."""
+  cfg = cvd_dit.default_model_config("tiny")
+  cfg.update(num_layers=1, dual_attention_layers=(0,), temporal_layers=(0,), crossview_layers=(0,),
+             num_adapter_blocks=1)
+  inputs = make_inputs(cfg, b=1, t=2, v=2)
+  model = cvd_dit.CVDDiT(**cfg)
+  return cfg, inputs, random_params(model, inputs, seed=1)
+
+
+def test_shapes_and_finite(tiny):
+  cfg, _, params, inputs, apply = tiny
+  out = apply(params, inputs)
+  assert out.shape == (B, T, V, H, W, cfg.out_channels) and out.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_disabled_blocks_reduce_to_sd3_per_image(tiny):
+  cfg, _, params, inputs, apply = tiny
+  off = dict(inputs, disable_temporal=jnp.ones((B,), bool), disable_crossview=jnp.ones((B,), bool))
+  out = np.asarray(apply(params, off))
+  sd3 = SD3Transformer(**{k: cfg[k] for k in SD3_KEYS})
+  mm_params, added = split_mmdit(params)
+  assert {"camera_embed", "layout_adapter", "temporal_blocks_0", "crossview_blocks_0"} <= set(added)
+  n = B * T * V
+  ref = jax.jit(sd3.apply)({"params": mm_params}, inputs["latents"].reshape(n, H, W, -1),
+                           inputs["timesteps"].reshape(n), inputs["text_tokens"].reshape(n, L, -1),
+                           inputs["pooled_text"].reshape(n, -1))
+  ref = np.asarray(ref).reshape(out.shape)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  # And the added blocks do act when enabled (so the equality above is not vacuous).
+  assert np.abs(np.asarray(apply(params, inputs)) - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_zero_init_adapter_is_a_no_op(tiny):
+  cfg, _, params, inputs, apply = tiny
+  # The real init: zero projections, so every residual is exactly 0.
+  adapter = cvd_dit.LayoutAdapter(64, 2, 1)
+  images = inputs["layout_images"][0, 0]
+  variables, residuals = jax.jit(lambda im: adapter.init_with_output(jax.random.key(0), im)[::-1])(images)
+  assert len(residuals) == 2 and all(np.all(np.asarray(r) == 0) for r in residuals)
+  kernel = meta.unbox(variables)["params"]["body_1"]["resnets_0_block1"]["kernel"]
+  assert np.abs(np.asarray(kernel)).max() > 0
+  # In the model: with zero projections the layout does not matter ...
+  other = dict(inputs, layout_images=jnp.flip(inputs["layout_images"], axis=3))
+  np.testing.assert_array_equal(np.asarray(apply(params, inputs)), np.asarray(apply(params, other)))
+  # ... and with non-zero ones it does.
+  rng = np.random.default_rng(5)
+  p2 = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+      if "zero_convs" in jax.tree_util.keystr(path) else x, params)
+  assert np.abs(np.asarray(apply(p2, inputs)) - np.asarray(apply(p2, other))).max() > 1e-3
+
+
+def test_view_adjacency_blocks_cross_view_attention(tiny):
+  _, _, params, inputs, apply = tiny
+  adj = jnp.asarray([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+  base = dict(inputs, view_adjacency=jnp.broadcast_to(adj, (B, V, V)))
+  out = np.asarray(apply(params, base))
+
+  def perturbed(view, **kw):
+    lat = base["latents"].at[:, :, view].add(1.0)
+    return np.asarray(apply(params, dict(base, latents=lat, **kw)))
+
+  o2 = perturbed(2)
+  np.testing.assert_allclose(o2[:, :, :2], out[:, :, :2], rtol=0, atol=1e-6)  # views 0, 1 never see view 2
+  assert np.abs(o2[:, :, 2] - out[:, :, 2]).max() > 1e-3
+  o1 = perturbed(1)
+  assert np.abs(o1[:, :, 0] - out[:, :, 0]).max() > 1e-4  # adjacent views do see each other
+  off = dict(disable_crossview=jnp.ones((B,), bool))
+  ref_off = np.asarray(apply(params, dict(base, **off)))
+  np.testing.assert_allclose(perturbed(1, **off)[:, :, 0], ref_off[:, :, 0], rtol=0, atol=1e-6)
+
+
+def _layer_locality(axis, attention_type, pos, shape=(1, 4, 3, 6, 64), grid=(2, 3)):
+  layer = cvd_dit.IndexMixLayer(axis, attention_type, heads=2, head_dim=32)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  cond = jnp.asarray(rng.standard_normal(shape[:3] + shape[-1:]), jnp.float32)
+  disable = jnp.zeros((shape[0],), bool)
+  adj = jnp.ones((shape[0], shape[2], shape[2]), bool)
+  params = meta.unbox(jax.jit(lambda x: layer.init(jax.random.key(0), x, cond, disable, adj, grid=grid))(x))
+  assert float(params["params"]["mixer"]["mix_factor"][0]) == 2.0  # alpha starts at sigmoid(2) ~ 0.88
+  f = jax.jit(lambda x: layer.apply(params, x, cond, disable, adj, grid=grid))
+  # A random direction (a constant shift across channels would be removed by the LayerNorms).
+  delta = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  changed = np.abs(np.asarray(f(x.at[pos].add(delta))) - np.asarray(f(x))).max(axis=-1) > 1e-6
+  return changed[0]  # [T, V, S]
+
+
+def test_temporal_pointwise_mixes_only_same_token():
+  changed = _layer_locality("temporal", "pointwise", (0, 1, 2, 4))
+  expect = np.zeros_like(changed)
+  expect[:, 2, 4] = True  # the same (view, token) in every frame, nothing else
+  np.testing.assert_array_equal(changed, expect)
+
+
+def test_crossview_rowwise_mixes_only_same_row():
+  changed = _layer_locality("crossview", "rowwise", (0, 1, 0, 4))  # view 0, token 4 = row 1 of a 2x3 grid
+  expect = np.zeros_like(changed)
+  expect[1, :, 3:] = True  # frame 1, all views, row 1 (tokens 3..5)
+  np.testing.assert_array_equal(changed, expect)
+
+
+def test_gradients_finite_with_remat(one_layer):
+  cfg, inputs, params = one_layer
+  model = cvd_dit.CVDDiT(**dict(cfg, remat_policy="full"))
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, **inputs) ** 2)))(params)
+  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+  assert all(np.all(np.isfinite(g)) for g in flat.values())
+  # Gradient reaches the added blocks, the mixing scalars and the zero-initialised adapter projections.
+  for name in ("temporal_blocks_0']['block']['attn1']['to_q", "crossview_blocks_0']['mixer", "zero_convs_0",
+               "camera_embed", "transformer_blocks_0']['attn2"):
+    assert any(name in k and np.abs(g).max() > 0 for k, g in flat.items()), name
+
+
+def test_bf16_jit(one_layer):
+  cfg, inputs, params = one_layer
+  outs = {}
+  for dtype in ("float32", "bfloat16"):
+    model = cvd_dit.CVDDiT(**dict(cfg, dtype=dtype))
+    outs[dtype] = jax.jit(lambda p, kw, m=model: m.apply({"params": p}, **kw))(params, inputs)
+  assert outs["bfloat16"].dtype == jnp.float32
+  ref = np.asarray(outs["float32"])
+  rel = np.abs(np.asarray(outs["bfloat16"]) - ref).max() / np.abs(ref).max()
+  assert np.isfinite(rel) and 1e-5 < rel < 0.1, rel  # really ran in bf16, and still close
+
+
+def test_flops_match_xla_cost_analysis():
+  # Width 256 and a 16x16 latent: XLA's count also includes elementwise ops (and skips zero-padded conv taps), which
+  # only stay at the few-% level once matmuls dominate.
+  cfg = cvd_dit.default_model_config("tiny")
+  cfg.num_attention_heads, cfg.caption_projection_dim = 8, 256
+  model = cvd_dit.CVDDiT(**cfg)
+  args = cvd_dit.dummy_inputs(cfg, b=1, t=2, v=3, h=16, w=16, text_len=5)
+  shapes = meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args))
+  cost = jax.jit(model.apply).lower(shapes, *args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ours = cvd_dit.flops_per_clip(cfg, T=2, V=3, h=16, w=16, text_len=5)
+  assert abs(cost["flops"] / ours - 1) < 0.03, (cost["flops"], ours)
+
+
+def test_sd35_medium_flops_scale():
+  # Pure arithmetic (tracing the 4 B model on a shared 2-core CPU costs ~1 min): one 19-frame 6-view 256x448 clip.
+  # Rough cross-check: 114 images x 24 MM-DiT layers x ~38 GFLOP + 18 VT blocks x 51k tokens x ~132 MFLOP + adapter.
+  cfg = cvd_dit.default_model_config("sd35_medium")
+  fl = cvd_dit.flops_per_clip(cfg, T=19, V=6, h=32, w=56, text_len=154)
+  assert 2.0e14 < fl < 3.5e14, fl
+  assert cvd_dit.flops_per_clip(dict(cfg, temporal_layers=(), crossview_layers=(), num_adapter_blocks=0, camera_dim=0),
+                                T=19, V=6, h=32, w=56, text_len=154) < 0.5 * fl
+
+
+def test_bad_inputs_name_the_field(tiny):
+  cfg, model, params, inputs, _ = tiny
+  with pytest.raises(ValueError, match="pooled_text"):
+    model.apply({"params": params}, **dict(inputs, pooled_text=inputs["pooled_text"][..., :-1]))
+  with pytest.raises(ValueError, match="layout_images"):
+    model.apply({"params": params}, **dict(inputs, layout_images=None))
+  with pytest.raises(ValueError, match="temporal_layers"):
+    cvd_dit.CVDDiT(**dict(cfg, temporal_layers=(7,))).init(jax.random.key(0), **inputs)
+  with pytest.raises(ValueError, match="unknown model size"):
+    cvd_dit.default_model_config("huge")
