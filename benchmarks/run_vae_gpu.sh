@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The diffusers AutoencoderKL anchor (SD3.5 VAE config, PyTorch bf16) and our Flax VAE benchmark on the same GPU, in
+# one session, so that the ratios compare like with like.
+#
+# Prepare on a machine with the package index (from the repo root): the wheels the GPU image lacks, plus diffusers for
+# the anchor:   bash ../shared/tools/device-wheels.sh diffusers==0.35.2 huggingface-hub
+# Then on the GPU machine (repo root, .whl/ carried along):   bash benchmarks/run_vae_gpu.sh [OUT_DIR]
+# Prints the anchor's lines and our JSON line (with ratio_vs_diffusers); both JSONs are written to OUT_DIR.
+set -euo pipefail
+OUT_DIR=${1:-${OUT:-$(mktemp -d)}}
+mkdir -p "$OUT_DIR"
+
+if ! python3 -c "import cvd_storm_jax, diffusers" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "cvd_storm_jax/diffusers not importable and no .whl/ wheels here: see the header of $0" >&2
+    exit 2
+  fi
+  SITE=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" .
+  export PYTHONPATH=$SITE:${PYTHONPATH:-}
+fi
+
+ANCHOR=""
+for cand in "${VAE_ANCHOR:-}" shared/tools/anchors/diffusers_vae.py ../shared/tools/anchors/diffusers_vae.py \
+            /work/shared/tools/anchors/diffusers_vae.py; do
+  if [ -n "$cand" ] && [ -f "$cand" ]; then ANCHOR=$cand; break; fi
+done
+
+if [ -n "$ANCHOR" ]; then
+  echo "== diffusers anchor: $ANCHOR"
+  python3 "$ANCHOR" "$OUT_DIR" || echo "anchor failed (rc $?); our numbers follow without ratios" >&2
+else
+  echo "diffusers_vae.py anchor not found (set VAE_ANCHOR); our numbers follow without ratios" >&2
+fi
+
+echo "== cvd_storm_jax VAE"
+python3 benchmarks/bench_vae.py --batch "${BATCH:-24}" --anchor "$OUT_DIR/vae_anchor.json" | tee "$OUT_DIR/vae_ours.json"
