@@ -3,7 +3,7 @@
 # one session, so that the ratios compare like with like.
 #
 # Prepare on a machine with the package index (from the repo root): the wheels the GPU image lacks, plus diffusers for
-# the anchor:   bash ../shared/tools/device-wheels.sh diffusers==0.35.2 huggingface-hub
+# the anchor:   bash ../shared/tools/device-wheels.sh diffusers==0.42.1
 # Then on the GPU machine (repo root, .whl/ carried along):   bash benchmarks/run_vae_gpu.sh [OUT_DIR]
 # Prints the anchor's lines and our JSON line (with ratio_vs_diffusers); both JSONs are written to OUT_DIR.
 set -euo pipefail
