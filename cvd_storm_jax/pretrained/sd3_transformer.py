@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import re
 from typing import Any, Mapping
 
 import jax
@@ -29,7 +30,8 @@ from flax import traverse_util
 
 from cvd_storm_jax.models.embeddings import sincos_pos_embed_2d
 from cvd_storm_jax.models.mmdit import SD3Transformer
-from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, convert, linear, param_shapes, read_folder)
+from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, convert, linear, param_shapes, read_folder,
+                                             rename)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ RULES: tuple[Rule, ...] = (
 _POS_KEY = "pos_embed.pos_embed"
 
 
+def rename_key(key: str):
+  """(Flax path, layout transform) of a diffusers SD3 transformer key, or None if no rule matches."""
+  return rename(key, RULES)
+
+
 def model_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
   """SD3Transformer attributes from a diffusers config.json."""
   kw = {k: config[k] for k in _CONFIG_KEYS if k in config}
@@ -103,10 +110,36 @@ def _check_pos_embed(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, An
         f"(sample_size={model_cfg['sample_size']}, patch_size={p}, pos_embed_max_size={m}) by up to {err:.3g}")
 
 
+_INVERSE = (
+    (r"^transformer_blocks_(\d+)/", r"transformer_blocks.\1/"),
+    (r"/to_out/", "/to_out/0/"),
+    (r"/(ff|ff_context)/proj/", r"/\1/net/0/proj/"),
+    (r"/(ff|ff_context)/out/", r"/\1/net/2/"),
+    (r"/(kernel|scale)$", "/weight"),
+)
+
+
+def torch_key_for(flax_path: str) -> str:
+  """The diffusers key that ``RULES`` map onto ``flax_path`` (for error messages about missing tensors)."""
+  key = flax_path
+  for pattern, repl in _INVERSE:
+    key = re.sub(pattern, repl, key)
+  return key.replace("/", ".")
+
+
 def convert_sd3_state(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any], target_shapes: Any, *,
                       dtype: Any = np.float32, what: str = "SD3 transformer") -> dict:
-  """Renames an SD3 state dict onto ``target_shapes`` (params tree of the MM-DiT part); raises WeightImportError."""
+  """Renames an SD3 state dict onto ``target_shapes`` (params tree of the MM-DiT part); raises WeightImportError.
+
+  A tensor the model needs but the checkpoint lacks is reported with both names and the expected shape.
+  """
   _check_pos_embed(state, model_cfg, what)
+  flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target_shapes).items()}
+  missing = [f"missing key: torch {torch_key_for(p)!r} for Flax param {p!r} {tuple(v.shape)}"
+             for p, v in sorted(flat.items()) if torch_key_for(p) not in state]
+  if missing:
+    shown = "\n  ".join(missing[:40])
+    raise WeightImportError(f"cannot import {what}: {len(missing)} tensor(s) missing from the checkpoint:\n  {shown}")
   return convert(state, RULES, target_shapes, ignore=(_POS_KEY,), dtype=dtype, what=what)
 
 
