@@ -203,12 +203,13 @@ class Resample(nn.Module):
     return _conv(self.channels, 3, "conv", **kw)(x)
 
 
-class DownBlock(nn.Module):
-  """diffusers DownEncoderBlock2D: ``num_layers`` resnets, then an optional stride-2 downsampler."""
+class ResnetStack(nn.Module):
+  """diffusers DownEncoderBlock2D (``resample="down"``: resnets then a stride-2 downsampler) or UpDecoderBlock2D
+  (``resample="up"``: resnets then nearest-x2 + conv); ``resample=None`` for the last block (no resampler)."""
   channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: str | None
   eps: float = 1e-6
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -216,36 +217,14 @@ class DownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, H/2, W/2, channels] (or [B, H, W, channels] without downsampler)."""
+    """x: [B, H, W, Cin] -> [B, H', W', channels] with H' = H/2, 2H or H."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
     for j in range(self.num_layers):
       x = block(self.channels, self.groups, self.eps, name=f"resnets_{j}", **kw)(x)
-    if self.add_downsample:
-      x = Resample(self.channels, True, name="downsamplers_0", **kw)(x)
-    return x
-
-
-class UpBlock(nn.Module):
-  """diffusers UpDecoderBlock2D: ``num_layers`` resnets, then an optional nearest-x2 + conv upsampler."""
-  channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  eps: float = 1e-6
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, Cin] -> [B, 2H, 2W, channels] (or [B, H, W, channels] without upsampler)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
-    for j in range(self.num_layers):
-      x = block(self.channels, self.groups, self.eps, name=f"resnets_{j}", **kw)(x)
-    if self.add_upsample:
-      x = Resample(self.channels, False, name="upsamplers_0", **kw)(x)
+    if self.resample is not None:
+      down = self.resample == "down"
+      x = Resample(self.channels, down, name="downsamplers_0" if down else "upsamplers_0", **kw)(x)
     return x
 
 
@@ -263,8 +242,8 @@ class Encoder(nn.Module):
     chans = cfg.block_out_channels
     h = _conv(chans[0], 3, "conv_in", **kw)(x.astype(self.dtype))
     for i, c in enumerate(chans):
-      h = DownBlock(c, cfg.layers_per_block, cfg.norm_num_groups, i < len(chans) - 1, cfg.norm_eps, self.remat,
-                    name=f"down_blocks_{i}", **kw)(h)
+      h = ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < len(chans) - 1 else None,
+                      cfg.norm_eps, self.remat, name=f"down_blocks_{i}", **kw)(h)
     h = MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.norm_eps, self.remat,
                  name="mid_block", **kw)(h)
     h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
@@ -287,8 +266,8 @@ class Decoder(nn.Module):
     h = MidBlock(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.norm_eps, self.remat,
                  name="mid_block", **kw)(h)
     for i, c in enumerate(chans):
-      h = UpBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(chans) - 1, cfg.norm_eps, self.remat,
-                  name=f"up_blocks_{i}", **kw)(h)
+      h = ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < len(chans) - 1 else None,
+                      cfg.norm_eps, self.remat, name=f"up_blocks_{i}", **kw)(h)
     h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
     return _conv(cfg.out_channels, 3, "conv_out", **kw)(h)
 
