@@ -62,6 +62,11 @@ def loss_and_outputs(backend, params, cams, bg, **kw):
   return jnp.sum(out.features * wf) + 0.05 * jnp.sum(out.depth * wd) + jnp.sum(out.alpha * wd[::-1]), out
 
 
+@jax.jit
+def _project(means, quats, scales, views, ks):
+  return K.project(means, quats, scales, views, ks, W, H, 0.2, 400.0)
+
+
 @functools.lru_cache(maxsize=None)
 def _value_and_grad(backend):
   return jax.jit(jax.value_and_grad(lambda p, c, b: loss_and_outputs(backend, p, c, b), argnums=(0, 2),
@@ -89,7 +94,7 @@ def _close(got, want, rel=1e-5, name=""):
 def test_scene_exercises_the_rules(scene_c7):
   s, res = scene_c7
   out = res["reference"][0][1]
-  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
+  proj = _project(*s[:3], *s[5:])
   z = np.einsum("kij,nj->kni", np.asarray(s[5])[:, :3, :3], np.asarray(s[0])) + np.asarray(s[5])[:, None, :3, 3]
   z = z[..., 2]
   assert (z[0] < 0.2).sum() >= 15  # behind / too close to camera 0
@@ -163,7 +168,7 @@ def _sequential_oracle(proj, opac, feats, tile_size=16):
 def test_reference_matches_sequential_loop():
   s = random_scene(5, n=150, k=1, c=2)
   s = s[:2] + (s[2] * 1.5, 0.6 + 0.4 * s[3]) + s[4:]  # opaque: many pixels hit the T cut
-  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
+  proj = _project(*s[:3], *s[5:])
   f, d, t = _sequential_oracle(proj, np.asarray(s[3], np.float64), np.asarray(s[4], np.float64))
   assert (t < 1e-3).mean() > 0.05
   out = K.rasterize(*s, W, H, backend="reference")
@@ -201,40 +206,33 @@ def test_edge_cases_are_finite(backend):
   rng = np.random.default_rng(2)
   _, _, _, _, _, views, ks = random_scene(2, n=8, k=2, c=3)
   bg = jnp.array([0.5, 0.25, 1.0])
-
-  def run(params):
-    return jax.value_and_grad(lambda p: loss_and_outputs(backend, p, (views, ks), bg)[0])(params)
+  run = jax.jit(jax.value_and_grad(lambda p, cams: loss_and_outputs(backend, p, cams, bg), has_aux=True))
 
   # N = 0: background only, empty gradients.
   empty = (jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 3)))
-  out = K.rasterize(*empty, views, ks, W, H, background=bg, backend=backend)
+  (_, out), g = run(empty, (views, ks))
   np.testing.assert_array_equal(out.alpha, 0.0)
   np.testing.assert_array_equal(out.features, jnp.broadcast_to(bg, out.features.shape))
-  _, g = run(empty)
   assert all(x.shape[0] == 0 for x in g)
   # Everything behind both cameras (or in front of the lens but nearer than `near`).
-  back = (jnp.asarray(look_at((0, 0, 0), (1, 0, 0.1))), jnp.asarray(look_at((0, 0, 0), (0, 1, -0.1))))
-  back = jnp.stack(back).astype(jnp.float32)
-  n = 6
-  means = jnp.asarray(np.concatenate([rng.normal(size=(4, 3)) * 0.5 + [-4, -4, 0], [[0.1, 0, 0], [0, 0.05, 0]]]),
-                      jnp.float32)
-  params = (means, jnp.asarray(rng.normal(size=(n, 4)), jnp.float32), jnp.full((n, 3), 0.3),
-            jnp.full((n,), 0.9), jnp.ones((n, 3)))
-  out = K.rasterize(*params, back, ks, W, H, background=bg, backend=backend)
+  n = 40
+  back = jnp.stack([jnp.asarray(look_at((0, 0, 0), (1, 0, 0.1))), jnp.asarray(look_at((0, 0, 0), (0, 1, -0.1)))])
+  means = np.concatenate([rng.normal(size=(n - 2, 3)) * 0.5 + [-4, -4, 0], [[0.1, 0, 0], [0, 0.05, 0]]])
+  params = (jnp.asarray(means, jnp.float32), jnp.asarray(rng.normal(size=(n, 4)), jnp.float32),
+            jnp.full((n, 3), 0.3), jnp.full((n,), 0.9), jnp.ones((n, 3)))
+  (val, out), g = run(params, (back.astype(jnp.float32), ks))
   np.testing.assert_array_equal(out.alpha, 0.0)
-  val, g = jax.value_and_grad(lambda p: loss_and_outputs(backend, p, (back, ks), bg)[0])(params)
   assert np.isfinite(float(val))
   for x in g:
     assert np.all(np.asarray(x) == 0)
-  # Degenerate: zero and tiny scales, a zero quaternion, Gaussians exactly on a camera centre.
-  s = random_scene(4, n=40, k=2, c=3)
+  # Degenerate: zero and tiny scales, a zero quaternion, a Gaussian exactly on a camera centre.
+  s = random_scene(4, n=n, k=2, c=3)
   scales = s[2].at[:10].set(0.0).at[10:20].set(1e-9)
   quats = s[1].at[0].set(0.0)
   cam_c = -np.asarray(views)[0, :3, :3].T @ np.asarray(views)[0, :3, 3]
   means = s[0].at[20].set(jnp.asarray(cam_c, jnp.float32))
-  params = (means, quats, scales) + s[3:5]
-  val, g = run(params)
-  assert np.isfinite(float(val))
+  (val, out), g = run((means, quats, scales) + s[3:5], (views, ks))
+  assert np.isfinite(float(val)) and float(jnp.max(out.alpha)) > 0.1
   for x in g:
     assert np.all(np.isfinite(np.asarray(x)))
   assert float(jnp.max(jnp.abs(g[0]))) > 0
@@ -244,8 +242,7 @@ def test_capacity_overflow_is_counted():
   s = random_scene(6, n=200, k=2, c=3)
   k = s[5].shape[0]
   geom = K.Geometry(k, W, H, 16, 3, 2, 32)
-  proj = K.project(*s[:3], *s[5:], W, H, 0.2, 400.0)
-  total = int(K.count_intersections(proj, geom))
+  total = int(jax.jit(lambda *a: K.count_intersections(_project(*a), geom))(*s[:3], *s[5:]))
   assert total > 100
   ref = K.rasterize(*s, W, H, backend="reference")
   for backend in ("xla", "pallas"):
@@ -280,17 +277,23 @@ def test_shard_map_over_cameras():
     out = K.rasterize(*params, views, ks, W, H, backend="xla")
     return out.features, out.alpha, jax.lax.psum(out.overflow, "cam")
 
-  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("cam"), P("cam")) + (P(),) * 5,
-                             out_specs=(P("cam"), P("cam"), P())))
-  feats, alpha, overflow = fn(views, ks, *params)
-  ref = K.rasterize(*s, W, H, backend="reference")
-  _close(feats, ref.features, 1e-5, "sharded features")
-  _close(alpha, ref.alpha, 1e-5, "sharded alpha")
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P("cam"), P("cam")) + (P(),) * 5,
+                     out_specs=(P("cam"), P("cam"), P()))
+
+  def sharded(m):
+    feats, alpha, overflow = fn(views, ks, m, *params[1:])
+    return jnp.sum(feats * feats), (feats, alpha, overflow)
+
+  def unsharded(m):
+    out = K.rasterize(m, *params[1:], views, ks, W, H, backend="reference")
+    return jnp.sum(out.features * out.features), (out.features, out.alpha, out.overflow)
+
+  (_, (feats, alpha, overflow)), g = jax.jit(jax.value_and_grad(sharded, has_aux=True))(params[0])
+  (_, (rf, ra, _)), g_ref = jax.jit(jax.value_and_grad(unsharded, has_aux=True))(params[0])
+  _close(feats, rf, 1e-5, "sharded features")
+  _close(alpha, ra, 1e-5, "sharded alpha")
   assert int(overflow) == 0
-  # Gradients through the sharded render (means are replicated: their cotangent is summed over the mesh).
-  g = jax.jit(jax.grad(lambda m: jnp.sum(fn(views, ks, m, *params[1:])[0])))(params[0])
-  g_ref = jax.grad(lambda m: jnp.sum(K.rasterize(m, *params[1:], views, ks, W, H, backend="reference").features))(
-      params[0])
+  # Means are replicated: their cotangent is summed over the mesh by shard_map's transpose.
   _close(g, g_ref, 2e-5, "sharded d means")
 
 
