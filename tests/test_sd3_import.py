@@ -162,9 +162,15 @@ def test_cli_writes_params_for_init_from(folder, tmp_path):
   out = str(tmp_path / "ckpt")
   sd3.main(["--src", path, "--out", out, "--config", str(cfg_file)])
   loaded = checkpoint.load_params(out)
+  assert set(loaded) == {"dit"}  # the trainer's params tree: {"dit": CVDDiT params, ...}
+  loaded = loaded["dit"]
   partial, _ = sd3.import_into_cvd(path, dict(cvd_cfg()))
   flat_a = jax.tree_util.tree_leaves_with_path(loaded)
   flat_b = dict(jax.tree_util.tree_leaves_with_path(partial))
   assert len(flat_a) == len(flat_b)
   for k, v in flat_a:
     np.testing.assert_array_equal(v, flat_b[k])
+  # Without --config: the plain SD3Transformer's bare params tree.
+  out2 = str(tmp_path / "ckpt_sd3")
+  sd3.main(["--src", path, "--out", out2])
+  assert "transformer_blocks_1" in checkpoint.load_params(out2)

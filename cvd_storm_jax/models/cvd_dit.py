@@ -29,8 +29,8 @@ import ml_collections
 
 from cvd_storm_jax.models.embeddings import (TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
                                              timestep_embedding)
-from cvd_storm_jax.models.mmdit import (Attention, FeedForward, LayerNorm, build_mmdit, constrain, mmdit_inputs,
-                                        mmdit_outputs, remat)
+from cvd_storm_jax.models.mmdit import (Attention, FeedForward, LayerNorm, build_mmdit, constrain, flops_per_image,
+                                        mmdit_inputs, mmdit_outputs, remat)
 
 Dtype = Any
 
@@ -399,29 +399,10 @@ def flops_per_clip(model_cfg: Any, T: int, V: int, h: int, w: int, text_len: int
   """
   c = dict(model_cfg)
   p, d = c["patch_size"], c["num_attention_heads"] * c["attention_head_dim"]
-  cin, cout = c["in_channels"], c.get("out_channels") or c["in_channels"]
   n = T * V                                    # images
   hs, ws = h // p, w // p
-  s, l = hs * ws, text_len                     # image / text tokens per image
-  dual = set(c.get("dual_attention_layers", ()))
-  num_layers = c["num_layers"]
-
-  f = 0
-  f += n * s * 2 * (p * p * cin) * d           # patch embed
-  f += n * l * 2 * c["joint_attention_dim"] * d  # context embedder
-  f += n * (2 * 256 * d + 2 * d * d)           # timestep MLP
-  f += n * (2 * c["pooled_projection_dim"] * d + 2 * d * d)  # pooled-text MLP
-  for i in range(num_layers):
-    last = i == num_layers - 1
-    f += n * 2 * d * (9 if i in dual else 6) * d           # image adaLN
-    f += n * 2 * d * (2 if last else 6) * d                # context adaLN
-    f += n * (s + l) * 3 * 2 * d * d                       # q, k, v of both streams
-    f += n * 2 * 2 * (s + l) * (s + l) * d                 # QK^T and AV
-    f += n * s * 2 * d * d + (0 if last else n * l * 2 * d * d)  # to_out, to_add_out
-    f += n * s * 16 * d * d + (0 if last else n * l * 16 * d * d)  # GELU FFNs (x4)
-    if i in dual:
-      f += n * s * (3 + 1) * 2 * d * d + n * 2 * 2 * s * s * d   # attn2
-  f += n * 2 * d * 2 * d + n * s * 2 * d * (p * p * cout)  # norm_out, proj_out
+  s = hs * ws                                  # image tokens per image
+  f = n * flops_per_image(c, h, w, text_len)   # the MM-DiT, per image
 
   cam = c.get("camera_dim", 11)
   if cam:

@@ -342,3 +342,30 @@ def mmdit_outputs(m: nn.Module, x: jax.Array, temb: jax.Array, hh: int, ww: int)
   scale, shift = m.norm_out(temb, x.shape[-1])  # AdaLayerNormContinuous chunks (scale, shift).
   out = m.proj_out(modulate(layer_norm(x, 1e-6), shift, scale, as_dtype(m.dtype)))
   return unpatchify(out, p, hh // p, ww // p).astype(jnp.float32)
+
+
+def flops_per_image(model_cfg: Any, h: int, w: int, text_len: int) -> int:
+  """Analytic forward FLOPs of the SD3 MM-DiT on one h x w latent with text_len text tokens (2*m*n*k per matmul,
+  attention QK^T and AV included; elementwise work not counted). ``model_cfg``: SD3Transformer / CVDDiT keys."""
+  c = dict(model_cfg)
+  p, d = c["patch_size"], c["num_attention_heads"] * c["attention_head_dim"]
+  cin, cout = c["in_channels"], c.get("out_channels") or c["in_channels"]
+  s, l = (h // p) * (w // p), text_len         # image / text tokens
+  dual = set(c.get("dual_attention_layers", ()))
+  num_layers = c["num_layers"]
+  f = s * 2 * (p * p * cin) * d                # patch embed
+  f += l * 2 * c["joint_attention_dim"] * d    # context embedder
+  f += 2 * 256 * d + 2 * d * d                 # timestep MLP
+  f += 2 * c["pooled_projection_dim"] * d + 2 * d * d  # pooled-text MLP
+  for i in range(num_layers):
+    last = i == num_layers - 1
+    f += 2 * d * (9 if i in dual else 6) * d   # image adaLN
+    f += 2 * d * (2 if last else 6) * d        # context adaLN (AdaLayerNormContinuous in the last block)
+    f += (s + l) * 3 * 2 * d * d               # q, k, v of both streams
+    f += 2 * 2 * (s + l) * (s + l) * d         # QK^T and AV
+    f += s * 2 * d * d + (0 if last else l * 2 * d * d)    # to_out, to_add_out
+    f += s * 16 * d * d + (0 if last else l * 16 * d * d)  # GELU FFNs (x4)
+    if i in dual:
+      f += s * (3 + 1) * 2 * d * d + 2 * 2 * s * s * d    # attn2
+  f += 2 * d * 2 * d + s * 2 * d * (p * p * cout)         # norm_out, proj_out
+  return int(f)

@@ -12,8 +12,9 @@ CLI (writes a params file for ``--config.init_from=PATH``)::
   python -m cvd_storm_jax.pretrained.sd3_transformer --src SD35/transformer --out /ckpt/sd35_mmdit \
       [--config configs/dit.py]
 
-Without ``--config`` the target is the plain SD3Transformer described by the folder's config.json; with it, the
-CVDDiT of ``config.model`` (only its MM-DiT part is written; the trainer initialises the rest).
+Without ``--config`` the target is the plain SD3Transformer described by the folder's config.json (a bare params
+tree); with it, the CVDDiT of ``config.model``: only its MM-DiT part is written, under the trainer's "dit" key
+({"dit": {...}}), and the trainer initialises the rest (``checkpoint.merge_params``).
 """
 from __future__ import annotations
 
@@ -197,26 +198,35 @@ def import_into_cvd(folder: str, model_cfg: Mapping[str, Any], *, dtype: Any = n
   return partial, fresh
 
 
-def _load_config_file(path: str):
+# The trainer's params tree holds the CVDDiT params under this key (tasks/dit.py: {"dit": ..., "text": ...}).
+TRAINER_PARAMS_KEY = "dit"
+
+
+def _load_config_file(spec_str: str):
+  """``path/to/config.py[:arg]`` -> get_config(arg), as ml_collections' config flags read it."""
+  path, _, arg = spec_str.partition(":")
   spec = importlib.util.spec_from_file_location("_dit_config", path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"config file {path!r} cannot be loaded")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(arg) if arg else mod.get_config()
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--src", required=True, help="diffusers SD3Transformer2DModel folder (e.g. SD3.5/transformer)")
   parser.add_argument("--out", required=True, help="output params directory (cvd_storm_jax.checkpoint.save_params)")
-  parser.add_argument("--config", default=None, help="trainer config file (get_config()); target = CVDDiT(config.model)")
+  parser.add_argument("--config", default=None,
+                      help="trainer config file[:arg] (get_config(arg)); target = CVDDiT(config.model), written under "
+                           f"{TRAINER_PARAMS_KEY!r} as the trainer's params tree holds it")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   from cvd_storm_jax.checkpoint import save_params
   if args.config:
     cfg = _load_config_file(args.config)
-    params, fresh = import_into_cvd(args.src, dict(cfg.model))
+    partial, fresh = import_into_cvd(args.src, dict(cfg.model))
+    params = {TRAINER_PARAMS_KEY: partial}
     log.info("imported the MM-DiT part; %d params left to fresh init (temporal/cross-view/camera/adapter), e.g. %s",
              len(fresh), fresh[:5])
   else:
