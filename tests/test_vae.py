@@ -100,8 +100,8 @@ def test_import_errors_name_key_and_shapes(folders, tmp_path):
     load_vae(str(tmp_path / "unet"))
 
   missing = _write_variant(src, str(tmp_path / "missing"), lambda s: s.pop(key))
-  with pytest.raises(WeightImportError, match=r"missing key: Flax param 'decoder/up_blocks_1/resnets_0/conv1/kernel' "
-                                              r"\(3, 3, 64, 64\)"):
+  with pytest.raises(WeightImportError, match=rf"missing key: torch '{key}' \(64, 64, 3, 3\) for Flax param "
+                                              r"'decoder/up_blocks_1/resnets_0/conv1/kernel' \(3, 3, 64, 64\)"):
     load_vae(missing)
 
   extra = _write_variant(src, str(tmp_path / "extra"),
@@ -123,6 +123,23 @@ def test_import_errors_name_key_and_shapes(folders, tmp_path):
   json.dump(cfg, open(os.path.join(bad_cfg, "config.json"), "w"))
   with pytest.raises(WeightImportError, match="act_fn='gelu' is not supported"):
     load_vae(bad_cfg)
+
+
+def test_deprecated_attention_names_import(folders, tmp_path):
+  """Pre-0.14 diffusers VAE folders name the mid-block attention query/key/value/proj_attn: same params."""
+  src = folders[0]["sd3"]
+  names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+  def rename_attention(state):
+    for k in [k for k in state if ".attentions.0." in k]:
+      for new, old in names.items():
+        if f".{new}." in k:
+          state[k.replace(f".{new}.", f".{old}.")] = state.pop(k)
+  old = _write_variant(src, str(tmp_path / "old_names"), rename_attention)
+  assert "encoder.mid_block.attentions.0.proj_attn.weight" in read_folder(old)[1]
+  _, want = load_vae(src)
+  _, got = load_vae(old)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_sd35_structure_covered_by_rules():

@@ -12,11 +12,13 @@ Usage::
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig
 from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, conv, convert, copy, param_shapes, read_config,
@@ -67,6 +69,44 @@ def vae_rules() -> list[Rule]:
   rules += _module_rules(r"quant_conv", "quant_conv", "conv")
   rules += _module_rules(r"post_quant_conv", "post_quant_conv", "conv")
   return rules
+
+
+_DEPRECATED = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def torch_key_for(flax_path: str) -> str:
+  """The current diffusers key that ``vae_rules`` map onto ``flax_path`` (for messages about missing tensors)."""
+  key = re.sub(r"_(\d+)(?=/|$)", r".\1", flax_path)  # down_blocks_1/resnets_0 -> down_blocks.1/resnets.0
+  return re.sub(r"/(kernel|scale)$", "/weight", key).replace("/", ".")
+
+
+def _torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Flax kernel shape -> the torch shape it comes from (HWIO -> OIHW, (in, out) -> (out, in))."""
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(reversed(shape))
+
+
+def convert_vae_state(state: Mapping[str, np.ndarray], target_shapes: Any, *, dtype: Any = np.float32,
+                      what: str = "VAE") -> dict:
+  """Renames a diffusers AutoencoderKL state dict onto ``target_shapes``; raises WeightImportError.
+
+  A tensor the model needs but the checkpoint lacks is reported with its torch key, the torch shape expected, the
+  Flax path and the Flax shape; everything else (unexpected keys, shape mismatches) by ``common.convert``.
+  """
+  flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(target_shapes).items()}
+  missing = []
+  for path, leaf in sorted(flat.items()):
+    key = torch_key_for(path)
+    old = re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f".{_DEPRECATED[m.group(1)]}.", key)
+    if key not in state and old not in state:
+      missing.append(f"missing key: torch {key!r} {_torch_layout(tuple(leaf.shape))} for Flax param {path!r} "
+                     f"{tuple(leaf.shape)}")
+  if missing:
+    shown = "\n  ".join(missing[:40])
+    more = f"\n  ... and {len(missing) - 40} more" if len(missing) > 40 else ""
+    raise WeightImportError(f"cannot import {what}: {len(missing)} tensor(s) missing:\n  {shown}{more}")
+  return convert(state, vae_rules(), target_shapes, dtype=dtype, what=what)
 
 
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> VAEConfig:
@@ -132,5 +172,5 @@ def load_vae(folder: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float
   f = cfg.downsample_factor
   shapes = param_shapes(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, f, f, cfg.in_channels),
                                                                                  jnp.float32))
-  params = convert(state, vae_rules(), shapes, dtype=np.dtype(param_dtype), what=f"VAE folder {vae_dir!r}")
+  params = convert_vae_state(state, shapes, dtype=np.dtype(param_dtype), what=f"VAE folder {vae_dir!r}")
   return module, jax.tree.map(jnp.asarray, params)
