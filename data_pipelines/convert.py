@@ -78,12 +78,10 @@ def _make_nuscenes(root, clip_frames, image_size, **kw):
 
 
 def _make_argoverse2(root, clip_frames, image_size, **kw):
-  try:
-    module = importlib.import_module(".argoverse2", __package__)
-  except ModuleNotFoundError as e:
-    raise SystemExit("the Argoverse 2 reader (data_pipelines/argoverse2.py) is not available in this checkout") from e
-  cls = next(getattr(module, n) for n in dir(module) if n.endswith("Reader") and n != "ClipReader")
-  return cls(root, num_frames=clip_frames, image_size=image_size, **kw)
+  from .argoverse2 import Argoverse2Reader
+  fps = kw.get("fps", 10.0)
+  kw.setdefault("clip_stride_s", clip_frames / fps)  # Non-overlapping: every frame stored once.
+  return Argoverse2Reader(root, num_frames=clip_frames, image_size=image_size, **kw)
 
 
 READERS: dict[str, Callable[..., Any]] = {
