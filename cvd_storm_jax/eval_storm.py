@@ -23,6 +23,7 @@ rot_0..3 (w, x, y, z); ``read_ply`` reads it back.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -223,11 +224,23 @@ def load_checkpoint_params(path: str) -> Any:
   return state["params"]
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_fn(task: Any, targets: tuple[int, ...]):
+  """One jitted deterministic forward per (task, target frames): D_GS on posterior means, no VAE decoding."""
+  import jax
+
+  @jax.jit
+  def run(params, batch):
+    sel = task.select(batch, None, target_frames=targets)
+    return sel, task.forward(params, sel, None, decode=False)
+  return run
+
+
 def evaluate_batch(task: Any, params: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
   """Deterministic reconstruction of one device batch: all non-context frames as targets.
 
   Returns numpy arrays: rgb01 / gt01 [B, Tt, V, H, W, 3], depth / gt_depth [B, Tt, V, H, W], view_mask [B, V],
-  target_index [B, Tt], storm_valid [B], and the Gaussians (pixel-aligned, ``GSDecoder.__call__`` layout).
+  target_index [B, Tt], storm_valid [B], overflow (int), and the Gaussians (``GSDecoder.__call__`` layout).
   """
   import jax
   import jax.numpy as jnp
@@ -236,23 +249,13 @@ def evaluate_batch(task: Any, params: Any, batch: Mapping[str, Any]) -> dict[str
   targets = tuple(i for i in range(t) if i not in task.context_frames)
   if not targets:
     raise ValueError(f"the clip has {t} frames, all of them context frames {task.context_frames}: nothing to render")
-  saved = task.target_frames
-  task.target_frames = targets
-  try:
-    @jax.jit
-    def run(params, batch):
-      sel = task.select(batch, None)
-      out = task.forward(params, sel, None, decode=False)
-      return sel, out
-    sel, out = run(params, jax.tree.map(jnp.asarray, dict(batch)))
-  finally:
-    task.target_frames = saved
+  sel, out = _eval_fn(task, targets)(params, jax.tree.map(jnp.asarray, dict(batch)))
   sel, out = jax.device_get((sel, out))
   return {"rgb01": np.asarray(out["renders"]["rgb"]) * 0.5 + 0.5, "gt01": np.asarray(sel["tgt_images"]) * 0.5 + 0.5,
           "depth": np.asarray(out["renders"]["depth"]), "gt_depth": np.asarray(sel["tgt_depth"]),
           "view_mask": np.asarray(sel["view_mask"]), "target_index": np.asarray(sel["target_index"]),
           "storm_valid": np.asarray(sel["storm_valid"]), "overflow": int(out["renders"]["overflow"]),
-          "gaussians": out["gaussians"], "lpips": None}
+          "gaussians": out["gaussians"]}
 
 
 def batch_metrics(res: Mapping[str, Any], lpips_fn=None) -> dict[str, np.ndarray]:
@@ -329,13 +332,14 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4
     lpips_fn = jax.jit(lpips_fn)
   it = pipeline.make_iterator(config.data, seed=config.seed)
   per_image: dict[str, list] = {}
-  overflow = 0
+  overflow = done = 0
   os.makedirs(out_dir, exist_ok=True)
   for n in range(num_batches):
     try:
       host = next(it)
     except StopIteration:
       break
+    done += 1
     res = evaluate_batch(task, params, task.device_batch(host))
     overflow += res["overflow"]
     for k, x in batch_metrics(res, lpips_fn).items():
@@ -344,7 +348,7 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4
       fps = float(np.asarray(host["fps"]).reshape(-1)[0]) if "fps" in host else 5.0
       write_outputs(out_dir, res, list(host.get("clip_id", [f"batch{n}_{i}" for i in range(len(res["rgb01"]))])),
                     fps=fps, ply_time=ply_time, max_depth=float(task.gs_config.far))
-  summary = dict(_summary(per_image), batches=n + 1, rasterizer_overflow=overflow, checkpoint=str(checkpoint))
+  summary = dict(_summary(per_image), batches=done, rasterizer_overflow=overflow, checkpoint=str(checkpoint))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -137,12 +137,18 @@ class StormVAETask:
     return out
 
   # ---------------------------------------------------------------------------------------------------------------- #
-  def select(self, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> dict[str, jax.Array]:
-    """Context/target split of a device batch (rng None or ``storm.target_frames`` set: fixed targets)."""
+  def select(self, batch: Mapping[str, jax.Array], rng: jax.Array | None,
+             target_frames: tuple[int, ...] | None = None) -> dict[str, jax.Array]:
+    """Context/target split of a device batch.
+
+    Targets: ``target_frames`` if given, else ``storm.target_frames`` if set, else (rng None) the first
+    ``num_targets`` non-context frames, else ``num_targets`` random frames per sample.
+    """
     b, t = batch["images"].shape[:2]
     ctx = jnp.asarray(self.context_frames)
-    if self.target_frames or rng is None:
-      tf = self.target_frames or tuple(i for i in range(t) if i not in self.context_frames)[:self.num_targets]
+    fixed = target_frames or self.target_frames
+    if fixed or rng is None:
+      tf = fixed or tuple(i for i in range(t) if i not in self.context_frames)[:self.num_targets]
       tgt = jnp.broadcast_to(jnp.asarray(tf), (b, len(tf)))
     else:
       tgt = jnp.argsort(jax.random.uniform(rng, (b, t)), axis=1)[:, :self.num_targets]

@@ -1,0 +1,209 @@
+"""STORM-VAE task: the joint objective on synthetic clips, gradient routing (rendered loss -> rasteriser -> GS decoder
+-> VAE encoder; OpenDV-style samples train the VAE only), a short overfit, the trainer contract and the eval metrics.
+
+One jitted function (the two loss terms, each with its gradient, weighted by traced scalars) is compiled once per
+module and reused by every test, overfit included: compilation dominates on CPU.
+"""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import meta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.storm_vae import get_config  # noqa: E402
+from cvd_storm_jax import eval_storm  # noqa: E402
+from cvd_storm_jax.data_pipelines import conditions, synthetic  # noqa: E402
+from cvd_storm_jax.tasks import get_task  # noqa: E402
+
+H, W, T, V = 16, 32, 3, 3  # 3 view slots (the recipe has 6): half the CPU time, same code paths
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # for programs that run once: 4x faster to compile on CPU
+
+
+def _config():
+  cfg = get_config("tiny")
+  cfg.model.gs.pos_grid = (H // 8, W // 8)
+  cfg.model.gs.rasterize_backend = "xla"
+  cfg.model.gs.num_views = V
+  cfg.data.num_views = V
+  cfg.storm.context_frames = (0, 2)
+  cfg.storm.target_frames = (1, 2)  # fixed: deterministic tests
+  cfg.data.buckets = [(H, W, 1.0)]
+  cfg.data.num_frames = T
+  cfg.data.synthetic.height, cfg.data.synthetic.width = H, W
+  return cfg
+
+
+def _clip(seed):
+  clip = synthetic.generate_clip(seed, 0, synthetic.SyntheticOptions(height=H, width=W, num_frames=T, num_views=V,
+                                                                     max_lidar_points=4096))
+  clip["depth"] = conditions.depth_maps(clip)
+  return clip
+
+
+def _opendv_like(clip):
+  """One real view, no LiDAR, no sky labels (what the OpenDV reader produces)."""
+  out = dict(clip)
+  vm = np.zeros(V, bool)
+  vm[0] = True
+  out["view_mask"] = vm
+  out["images"] = np.where(vm[None, :, None, None, None], clip["images"], 0).astype(np.uint8)
+  out["depth"] = np.zeros_like(clip["depth"])
+  out["sky_mask"] = np.zeros_like(clip["sky_mask"])
+  return out
+
+
+def _host_batch(clips, has_sky):
+  keys = ("images", "intrinsics", "cam_to_ego", "ego_to_world", "timestamps", "view_mask", "depth", "sky_mask")
+  b = {k: np.stack([np.asarray(c[k]) for c in clips]) for k in keys}
+  b["has_sky_mask"] = np.asarray(has_sky, bool)
+  return b
+
+
+@pytest.fixture(scope="module")
+def env():
+  cfg = _config()
+  task = get_task(cfg)
+  scene = _clip(1)
+  opendv = _opendv_like(_clip(2))
+  mixed = {k: jnp.asarray(v) for k, v in task.device_batch(_host_batch([scene, opendv], [True, False])).items()}
+  only_opendv = {k: jnp.asarray(v) for k, v in task.device_batch(_host_batch([opendv, opendv], [False, False])).items()}
+  init = lambda r, b: meta.unbox(task.init(r, b))
+  params = jax.jit(init).lower(jax.random.key(0), mixed).compile(FAST_COMPILE)(jax.random.key(0), mixed)
+
+  def weighted(params, batch, rng, w_vae, w_storm):
+    l_vae, l_storm, metrics, aux = task.loss_terms(params, batch, rng, jnp.int32(0))
+    return w_vae * l_vae + w_storm * l_storm, (metrics, aux)
+
+  grad_fn = jax.jit(jax.value_and_grad(weighted, has_aux=True))
+  return dict(cfg=cfg, task=task, scene=scene, mixed=mixed, only_opendv=only_opendv, params=params, grad_fn=grad_fn)
+
+
+def _norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
+
+
+def _all_finite(tree):
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
+
+
+def test_storm_gradient_reaches_gs_decoder_and_encoder(env):
+  (loss, (m, aux)), g = env["grad_fn"](env["params"], env["mixed"], jax.random.key(1), 0.0, 1.0)  # L_STORM only
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  assert _all_finite(g)
+  assert float(m["storm_valid_frac"]) == 0.5  # the OpenDV-like sample is masked out
+  assert float(m["rasterizer_overflow"]) == 0.0
+  for name in ("gs_head", "block0", "patch_embed", "motion_basis_decoder", "sky_head"):
+    assert _norm(g["gs"][name]) > 0, name
+  assert _norm(g["vae"]["encoder"]) > 0  # through the latents, the rasteriser and the GS decoder
+  assert _norm(g["vae"]["decoder"]) == 0.0  # the VAE decoder takes no part in L_STORM
+
+
+def test_full_objective_metrics_and_shapes(env):
+  task = env["task"]
+  (loss, (m, aux)), g = env["grad_fn"](env["params"], env["mixed"], jax.random.key(1), 1.0, task.storm_lambda)
+  assert _all_finite(g)
+  np.testing.assert_allclose(float(loss), float(m["loss_vae"]) + 0.5 * float(m["loss_storm"]), rtol=1e-5)
+  for k in ("vae_mse", "vae_kl", "vae_psnr", "storm_rgb", "storm_depth", "storm_sky", "storm_flow_reg",
+            "storm_psnr"):
+    assert np.isfinite(float(m[k])), k
+  assert float(m["storm_depth"]) > 0 and float(m["storm_sky"]) > 0
+  assert _norm(g["vae"]["decoder"]) > 0 and _norm(g["vae"]["encoder"]) > 0 and _norm(g["gs"]) > 0
+  out = aux["out"]
+  B = 2
+  assert out["recon"].shape == (B, 2, V, H, W, 3)
+  assert out["renders"]["rgb"].shape == (B, 2, V, H, W, 3)
+  assert out["gaussians"]["means"].shape == (B, 2, V, H, W, 3)
+
+
+def test_opendv_samples_train_the_vae_only(env):
+  task = env["task"]
+  (loss, (m, aux)), g = env["grad_fn"](env["params"], env["only_opendv"], jax.random.key(1), 1.0, task.storm_lambda)
+  assert float(m["storm_valid_frac"]) == 0.0 and float(m["loss_storm"]) == 0.0
+  for x in jax.tree.leaves(g["gs"]):
+    assert not bool(jnp.any(x != 0))  # exactly zero, every GS-decoder parameter
+  assert _norm(g["vae"]["encoder"]) > 0 and _norm(g["vae"]["decoder"]) > 0
+  np.testing.assert_allclose(float(loss), float(m["loss_vae"]), rtol=1e-6)
+
+
+def test_short_overfit_improves_renders(env):
+  """A weaker, CPU-sized version of benchmarks/overfit_storm_vae.py (which reaches the PSNR/depth targets)."""
+  task, grad_fn = env["task"], env["grad_fn"]
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(_host_batch([env["scene"], env["scene"]],
+                                                                        [True, True])).items()}
+  params = env["params"]
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+  first = None
+  for i in range(20):
+    (loss, (m, aux)), g = grad_fn(params, batch, jax.random.key(100 + i), 1.0, task.storm_lambda)
+    if first is None:
+      first = {k: float(v) for k, v in m.items()}
+    updates, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, updates)
+  (loss, (m, aux)), _ = grad_fn(params, batch, jax.random.key(999), 1.0, task.storm_lambda)
+  assert float(m["storm_psnr"]) > first["storm_psnr"] + 3.0, (first["storm_psnr"], float(m["storm_psnr"]))
+  assert float(m["storm_depth"]) < 0.7 * first["storm_depth"], (first["storm_depth"], float(m["storm_depth"]))
+  assert float(m["vae_psnr"]) > first["vae_psnr"] + 2.0
+
+
+def test_trainer_contract(env):
+  task = env["task"]
+  from cvd_storm_jax.data_pipelines import pipeline
+  host = next(pipeline.make_iterator(env["cfg"].data, seed=0))
+  dev = task.device_batch(host)
+  assert dev["images"].shape == (2, T, V, H, W, 3) and dev["timestamps"].dtype == np.float32
+  assert dev["has_sky_mask"].all()
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dev.items()}
+  shapes = jax.eval_shape(task.init, jax.random.key(0), abstract)
+  assert set(shapes) == {"vae", "gs"}
+  assert task.trainable_mask(shapes) is None
+  assert task.tokens_per_step(dev) == 2 * 2 * V * H * W
+  assert task.flops_per_step(dev) > 1e8  # XLA's count of the lowered step (no compile)
+  with pytest.raises(KeyError, match="depth"):
+    task.device_batch({k: v for k, v in host.items() if k != "depth"})
+
+
+def test_depth_and_image_metrics():
+  gt = np.zeros((2, 4, 5), np.float32)
+  gt[0, :2] = 10.0
+  pred = np.full((2, 4, 5), 12.0, np.float32)
+  m = eval_storm.depth_metrics(pred, gt)
+  np.testing.assert_allclose(m["d_rmse"][0], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(m["abs_rel"][0], 0.2, rtol=1e-6)
+  np.testing.assert_allclose(m["delta1"][0], 1.0)  # 1.2 < 1.25
+  assert np.isnan(m["d_rmse"][1]) and m["valid_pixels"].tolist() == [10, 0]
+  pred[0, 0] = 20.0  # ratio 2: outside delta1
+  np.testing.assert_allclose(eval_storm.depth_metrics(pred, gt)["delta1"][0], 0.5)
+  rng = np.random.default_rng(0)
+  img = rng.uniform(0.2, 0.8, (3, 16, 16, 3)).astype(np.float32)
+  noisy = img + 0.01
+  im = eval_storm.image_metrics(noisy, img)
+  np.testing.assert_allclose(im["psnr"], 40.0, rtol=1e-3)
+  np.testing.assert_allclose(eval_storm.image_metrics(img, img)["ssim"], 1.0, atol=1e-5)
+  assert (im["ssim"] < 1.0).all()
+
+
+def test_eval_outputs(env, tmp_path):
+  """Renders, videos and the .ply of an evaluation (from arrays shaped like evaluate_batch's)."""
+  (_, (_, aux)), _ = env["grad_fn"](env["params"], env["mixed"], jax.random.key(1), 1.0, 0.5)
+  sel, out = jax.device_get((aux["sel"], aux["out"]))
+  res = {"rgb01": np.asarray(out["renders"]["rgb"]) * 0.5 + 0.5, "gt01": np.asarray(sel["tgt_images"]) * 0.5 + 0.5,
+         "depth": np.asarray(out["renders"]["depth"]), "gt_depth": np.asarray(sel["tgt_depth"]),
+         "view_mask": np.asarray(sel["view_mask"]), "target_index": np.asarray(sel["target_index"]),
+         "storm_valid": np.asarray(sel["storm_valid"]), "gaussians": jax.device_get(out["gaussians"])}
+  metrics = eval_storm.batch_metrics(res)
+  assert len(metrics["psnr"]) == 2 * V  # storm-valid sample only: 2 targets x V real views
+  assert np.isfinite(metrics["d_rmse"]).any()
+  eval_storm.write_outputs(str(tmp_path), res, ["a", "b"], fps=10.0, ply_time=0.1, max_depth=50.0)
+  assert os.path.getsize(tmp_path / "a_rgb.mp4") > 0 and os.path.getsize(tmp_path / "b_depth.mp4") > 0
+  assert (tmp_path / "renders" / f"a_t01_v{V - 1}_rgb.png").exists() and (tmp_path / "renders" / "b_t02_v0_gt.png").exists()
+  assert not (tmp_path / "renders" / "b_t01_v1_rgb.png").exists()  # padded view of the OpenDV-like sample
+  ply = eval_storm.read_ply(str(tmp_path / "a.ply"))
+  assert len(ply["means"]) == 2 * V * H * W  # every Gaussian of the multi-view sample has opacity > 0
+  assert len(eval_storm.read_ply(str(tmp_path / "b.ply"))["means"]) == 2 * 1 * H * W
