@@ -42,6 +42,20 @@ def _compiler_params(interpret: bool):
   return plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
+def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """Output type carrying `like`'s shard_map varying axes (required by `jax.shard_map` with check_vma). The field is
+  `manual_axis_type` in jax 0.10 and `vma` in other releases; without either, a plain struct."""
+  aval = jax.typeof(like)
+  for field in ("manual_axis_type", "vma"):
+    value = getattr(aval, field, None)
+    if value is not None:
+      try:
+        return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
+      except TypeError:
+        continue
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _squeezed():
   return getattr(pl, "squeezed", None)
 
@@ -194,8 +208,8 @@ def pallas_forward(splats: Splats, isect: Intersections, geom: Geometry, interpr
   nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
   f, d, t = pl.pallas_call(
       functools.partial(_fwd_kernel, geom=geom),
-      out_shape=(jax.ShapeDtypeStruct((nt, p, cp), dt), jax.ShapeDtypeStruct((nt, p), dt),
-                 jax.ShapeDtypeStruct((nt, p), dt)),
+      out_shape=(_out_struct((nt, p, cp), dt, isect.tile_start), _out_struct((nt, p), dt, isect.tile_start),
+                 _out_struct((nt, p), dt, isect.tile_start)),
       grid=(nt,),
       in_specs=[_ANY] * 10,
       out_specs=(_tile_spec(geom, (cp,)), _tile_spec(geom), _tile_spec(geom)),
@@ -215,11 +229,12 @@ def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot,
   mp = feat.shape[0]
   gf_tot = jnp.sum(g_f * f_tot, -1)
   g_f = jnp.pad(g_f, ((0, 0), (0, 0), (0, cp - c)))
-  zeros = [jnp.zeros((mp,), dt) for _ in range(7)] + [jnp.zeros((mp, cp), dt)]
+  zero = (isect.tile_start[:1] * 0).astype(dt)  # carries the inputs' shard_map varying axes (see tiled_xla)
+  zeros = [jnp.zeros((mp,), dt) + zero for _ in range(7)] + [jnp.zeros((mp, cp), dt) + zero[:, None]]
   n_in = 16
   outs = pl.pallas_call(
       functools.partial(_bwd_kernel, geom=geom),
-      out_shape=tuple(jax.ShapeDtypeStruct(z.shape, dt) for z in zeros),
+      out_shape=tuple(_out_struct(z.shape, dt, isect.tile_start) for z in zeros),
       grid=(nt,),
       in_specs=[_ANY] * 10 + [_tile_spec(geom), _tile_spec(geom), _tile_spec(geom, (cp,)), _tile_spec(geom),
                               _tile_spec(geom), _tile_spec(geom)] + [_ANY] * 8,
