@@ -172,6 +172,18 @@ def test_crossview_rowwise_mixes_only_same_row():
   np.testing.assert_array_equal(changed, expect)
 
 
+def test_full_variants_stay_within_view_or_frame():
+  # Temporal "full": one view's tokens of all frames; cross-view "full": one frame's tokens of all (adjacent) views.
+  changed = _layer_locality("temporal", "full", (0, 1, 2, 4))
+  expect = np.zeros_like(changed)
+  expect[:, 2, :] = True
+  np.testing.assert_array_equal(changed, expect)
+  changed = _layer_locality("crossview", "full", (0, 1, 0, 4))
+  expect = np.zeros_like(changed)
+  expect[1] = True
+  np.testing.assert_array_equal(changed, expect)
+
+
 def test_gradients_finite_with_remat(one_layer):
   cfg, inputs, params = one_layer
   model = cvd_dit.CVDDiT(**dict(cfg, remat_policy="full"))

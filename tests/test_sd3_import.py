@@ -138,6 +138,22 @@ def test_unexpected_key_and_config_mismatch(folder, tmp_path):
     sd3.load_sd3_transformer(bad)
 
 
+def test_bf16_checkpoint_imports(folder, tmp_path):
+  import ml_dtypes
+  path, _ = folder
+
+  def to_bf16(s):
+    for k in s:
+      s[k] = s[k].astype(ml_dtypes.bfloat16)
+
+  bf16 = _variant(path, str(tmp_path / "bf16"), to_bf16)
+  _, params = sd3.load_sd3_transformer(bf16)  # the bf16-rounded position table still passes its check
+  _, state = read_folder(path)
+  got = np.asarray(params["transformer_blocks_0"]["attn"]["norm_q"]["scale"])
+  np.testing.assert_array_equal(got, state["transformer_blocks.0.attn.norm_q.weight"].astype(ml_dtypes.bfloat16)
+                                .astype(np.float32))
+
+
 def test_torch_key_inverse_covers_every_tensor(folder):
   path, _ = folder
   _, state = read_folder(path)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax.core import meta
 
 from cvd_storm_jax.models.embeddings import (TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
                                              timestep_embedding)
@@ -99,6 +100,8 @@ class IndexMixLayer(nn.Module):
   def __call__(self, x: jax.Array, cond: jax.Array | None, disable: jax.Array,
                adjacency: jax.Array | None = None, grid: tuple[int, int] | None = None) -> jax.Array:
     b, t, v, s, d = x.shape
+    if self.axis == "crossview" and self.attention_type == "rowwise" and grid is None:
+      raise ValueError("row-wise cross-view attention needs the token grid (h', w')")
     hh, ww = grid if grid is not None else (1, s)
     if hh * ww != s:
       raise ValueError(f"token grid {grid} does not hold {s} tokens")
@@ -387,9 +390,8 @@ def dummy_inputs(model_cfg: Any, b: int = 1, t: int = 1, v: int = 1, h: int | No
 
 def param_shapes_for(model_cfg: Any) -> dict:
   """Unboxed params ShapeDtypeStruct tree of CVDDiT(**model_cfg), without allocating."""
-  from cvd_storm_jax.pretrained.common import param_shapes
   model = CVDDiT(**dict(model_cfg))
-  return param_shapes(model.init, jax.random.key(0), *dummy_inputs(model_cfg))
+  return meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model_cfg)))["params"]
 
 
 def flops_per_clip(model_cfg: Any, T: int, V: int, h: int, w: int, text_len: int) -> int:

@@ -15,7 +15,7 @@ Semantics follow diffusers (the reference the SD3.5 weights were trained with), 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -185,7 +185,7 @@ def pixel_unshuffle(x: jax.Array, r: int) -> jax.Array:
   return x.reshape(n, hh // r, ww // r, c * r * r)
 
 
-__all__: Sequence[str] = (
+__all__ = (
     "as_dtype", "dense", "timestep_embedding", "TimestepEmbedding", "sincos_pos_embed_2d", "crop_pos_embed",
     "patchify", "unpatchify", "PatchEmbed", "TimeTextEmbed", "pixel_unshuffle",
 )

@@ -282,10 +282,6 @@ class SD3Transformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @property
-  def width(self) -> int:
-    return self.num_attention_heads * self.attention_head_dim
-
   def setup(self):
     build_mmdit(self)
 
