@@ -20,6 +20,7 @@ Backends: "reference" (dense, autodiff, tiny problems), "xla" (tiled, any platfo
 kernels on GPU, interpreter elsewhere). "auto" = pallas on GPU, xla otherwise. The tiled backends bin into a fixed
 `capacity` buffer and return the number of dropped intersections as `overflow` (check it!).
 
+Computed in float32 (float64 if the inputs are; bf16 inputs are promoted, outputs are float32).
 Differentiable (jit/grad/vmap/shard_map) w.r.t. means, quats, scales, opacities, features, background, and also
 viewmats and Ks (the projection is plain JAX; the tile assignment and depth order are piecewise constant).
 """
@@ -97,7 +98,10 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
                    backend, tile_size, capacity, chunk, interpret) -> RenderOutput:
   # Jitted as a whole even when called eagerly: op-by-op dispatch of the loops is ~5x slower to run.
   k, n, c = viewmats.shape[0], means.shape[0], features.shape[1]
-  dt = jnp.result_type(means, features)
+  # fp32 maths (float64 when the inputs are): STORM also renders with autocast off. bf16 inputs are promoted.
+  dt = jnp.result_type(means, quats, scales, opacities, features, jnp.float32)
+  means, quats, scales, opacities, features, viewmats, Ks = (
+      x.astype(dt) for x in (means, quats, scales, opacities, features, viewmats, Ks))
   if n == 0:  # nothing to draw: static shapes allow the early exit
     f = jnp.zeros((k, height, width, c), dt)
     t = jnp.ones((k, height, width), dt)

@@ -123,12 +123,14 @@ def test_gradients_match_reference(scene_c7, backend):
   _close(gbg, gbg_ref, 1e-5, f"{backend} dbackground")
 
 
-def test_forward_matches_reference_c3_shared_background():
-  s = random_scene(3, n=250, k=2, c=3)
+def test_forward_matches_reference_c3_shared_background_ragged_tiles():
+  w, h = 44, 27  # not multiples of the tile size: padded last tile row/column
+  s = random_scene(3, n=250, k=2, c=3, width=w, height=h)
   bg = jnp.array([0.2, -0.1, 0.7])
-  ref = K.rasterize(*s, W, H, background=bg, backend="reference")
+  ref = K.rasterize(*s, w, h, background=bg, backend="reference")
+  assert ref.features.shape == (2, h, w, 3)
   for backend, kw in (("xla", dict(chunk=16)), ("pallas", dict(chunk=8))):
-    got = K.rasterize(*s, W, H, background=bg, backend=backend, **kw)
+    got = K.rasterize(*s, w, h, background=bg, backend=backend, **kw)
     assert int(got.overflow) == 0
     for name in ("features", "depth", "alpha"):
       _close(getattr(got, name), getattr(ref, name), 1e-5, f"{backend} {name}")
