@@ -167,16 +167,19 @@ def test_torch_key_inverse_covers_every_tensor(folder):
 def test_cli_writes_params_for_init_from(folder, tmp_path):
   path, _ = folder
   cfg_file = tmp_path / "dit_cfg.py"
+  overrides = json.dumps(dict(num_layers=2, dual_attention_layers=[0], temporal_layers=[1], crossview_layers=[0],
+                              num_adapter_blocks=1))
   cfg_file.write_text(
       "import ml_collections\n"
       "from cvd_storm_jax.models import cvd_dit\n"
-      "def get_config():\n"
+      "def get_config(arg=''):\n"
+      "  assert arg == 'tiny', arg\n"
       "  c = ml_collections.ConfigDict()\n"
-      "  c.model = cvd_dit.default_model_config('tiny')\n"
-      f"  c.model.update({json.dumps(dict(num_layers=2, dual_attention_layers=[0], temporal_layers=[1], crossview_layers=[0], num_adapter_blocks=1))})\n"  # noqa: E501
+      "  c.model = cvd_dit.default_model_config(arg)\n"
+      f"  c.model.update({overrides})\n"
       "  return c\n")
   out = str(tmp_path / "ckpt")
-  sd3.main(["--src", path, "--out", out, "--config", str(cfg_file)])
+  sd3.main(["--src", path, "--out", out, "--config", f"{cfg_file}:tiny"])
   loaded = checkpoint.load_params(out)
   assert set(loaded) == {"dit"}  # the trainer's params tree: {"dit": CVDDiT params, ...}
   loaded = loaded["dit"]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax.core import meta
 
-from cvd_storm_jax.models.embeddings import (TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
+from cvd_storm_jax.models.embeddings import (TORCH_INIT, TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
                                              timestep_embedding)
 from cvd_storm_jax.models.mmdit import (Attention, FeedForward, LayerNorm, build_mmdit, constrain, flops_per_image,
                                         mmdit_inputs, mmdit_outputs, remat)
@@ -169,7 +169,7 @@ class AdapterBlock(nn.Module):
       x = dense(self.width, ("conv_in", "conv_out"), name="in_conv", **kw)(x)
     for r in range(self.num_res_blocks):
       h = nn.Conv(self.width, (3, 3), padding=1, name=f"resnets_{r}_block1", **kw,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                  kernel_init=nn.with_logical_partitioning(TORCH_INIT,
                                                            (None, None, "conv_in", "conv_out")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))(x)
       h = dense(self.width, ("conv_in", "conv_out"), name=f"resnets_{r}_block2", **kw)(nn.relu(h))

@@ -30,8 +30,14 @@ def as_dtype(d: Any) -> jnp.dtype:
   return jnp.dtype(d)
 
 
-def dense(features: int, axes: tuple[str | None, str | None], *, name: str | None = None, dtype: Dtype, param_dtype: Dtype,
-          use_bias: bool = True, kernel_init: Callable = nn.initializers.lecun_normal(),
+# torch's nn.Linear / nn.Conv default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)). The blocks CVD-STORM adds to a
+# pretrained SD3.5 start from this init in the reference code, and their initial perturbation of the pretrained
+# features (mixed in at 1 - sigmoid(2) ~ 12%) depends on its scale.
+TORCH_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str | None = None, dtype: Dtype,
+          param_dtype: Dtype, use_bias: bool = True, kernel_init: Callable = TORCH_INIT,
           bias_init: Callable = nn.initializers.zeros_init()) -> nn.Dense:
   """nn.Dense whose kernel carries logical axis names ``axes`` (in, out) and whose bias carries ``(axes[1],)``."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
@@ -186,6 +192,6 @@ def pixel_unshuffle(x: jax.Array, r: int) -> jax.Array:
 
 
 __all__ = (
-    "as_dtype", "dense", "timestep_embedding", "TimestepEmbedding", "sincos_pos_embed_2d", "crop_pos_embed",
-    "patchify", "unpatchify", "PatchEmbed", "TimeTextEmbed", "pixel_unshuffle",
+    "TORCH_INIT", "as_dtype", "dense", "timestep_embedding", "TimestepEmbedding", "sincos_pos_embed_2d",
+    "crop_pos_embed", "patchify", "unpatchify", "PatchEmbed", "TimeTextEmbed", "pixel_unshuffle",
 )
