@@ -1,13 +1,7 @@
 """SD3 MM-DiT parity with diffusers SD3Transformer2DModel (random init, SD3.5 features on), plus embedding checks."""
-import sys
 
 import numpy as np
 import pytest
-
-# The venv's PyPI torchvision does not load beside the CPU torch; marking it absent keeps transformers (imported by
-# diffusers' SD3 model) from importing it.
-if "torchvision" not in sys.modules:
-  sys.modules["torchvision"] = None
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

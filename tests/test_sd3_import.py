@@ -2,13 +2,9 @@
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
-
-if "torchvision" not in sys.modules:  # the venv's torchvision does not load beside the CPU torch (see test_mmdit.py)
-  sys.modules["torchvision"] = None
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
