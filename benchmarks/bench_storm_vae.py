@@ -11,8 +11,9 @@ Prints one JSON line:
   render_ms        forward + backward of GSDecoder.render alone on the same Gaussians and cameras (rasteriser,
                    sky and exposure), timed separately; render_share = render_ms / step_ms.
   peak_mem_gb      device peak (GPU memory_stats) or the process max RSS (CPU).
-  model_tflops     XLA-counted FLOPs of the step / step time; mfu_vs_matmul = that / a same-dtype square matmul's
-                   rate measured in the same run (the ceiling).
+  model_tflops     task.flops_per_step (3 x XLA-counted forward FLOPs of the VAE and GS decoder, rasteriser excluded)
+                   / step time; mfu_vs_matmul = that / a same-dtype square matmul's rate measured in the same run
+                   (the ceiling).
   gsplat_anchor    the gsplat 1.5.3 forward+backward time of the same rasterisation problem on an H200
                    (shared/reference/peer-anchors.md: 26.1 ms) and render_vs_gsplat = render_ms / that: only
                    meaningful when this runs on an H200 (the device name is printed).
