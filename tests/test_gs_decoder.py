@@ -104,7 +104,6 @@ def test_gaussians_at_moves_means_by_velocity(setup):
   np.testing.assert_allclose(moved["means"], flat["means"] + flat["velocities"] * dt[..., None], rtol=1e-6)
   for k in ("scales", "quats", "opacities", "colors"):
     np.testing.assert_array_equal(moved[k], flat[k])
-  # Velocities are a convex mix of the motion-token bases: within their per-axis range.
   assert np.isfinite(np.asarray(flat["velocities"])).all()
 
 

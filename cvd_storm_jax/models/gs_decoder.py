@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvd_storm_jax import kernels
 from cvd_storm_jax.models.attention import dot_product_attention
 
 Array = jax.Array
@@ -393,8 +394,6 @@ class GSDecoder(nn.Module):
       velocity, m/s, not normalised),
       overflow [] int32 (sum of the rasterizer's overflow counters).
     """
-    from cvd_storm_jax import kernels  # local: kernels import no model, models import kernels only here
-
     cfg = self.cfg
     b, tt, v = cam_to_ref.shape[:3]
     flat = flatten(gaussians)
