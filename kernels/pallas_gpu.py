@@ -11,11 +11,12 @@ replaces the per-tile compositing. Layout:
   `chunk` splats with a scalar loop inside each chunk (each splat's parameters are a broadcast scalar load from L1,
   which is what gsplat's shared-memory staging buys). The chunk loop is a while loop that stops when every pixel
   of the tile is done (gsplat's `__syncthreads_count` early exit): no host synchronisation, no dynamic shapes.
-- Backward: the same walk, front to back, recomputing T exactly as the forward kernel does (identical termination
-  decisions); the contribution of the splats behind splat i is total - prefix (see `tiled_xla`). Each intersection
-  belongs to exactly one tile, so each program writes its own slots of per-intersection gradient buffers (no
-  atomics, deterministic; slots a tile never reaches keep the zeros of the aliased input), and XLA reduces them with
-  `segment_sum`. That works identically in the interpreter and on Triton (atomics do not interpret everywhere).
+- The forward kernel also writes each pixel's stop index. Backward: gsplat's walk, back to front from the last splat
+  any pixel of the tile used, recovering T by division by (1 - alpha) and accumulating the colour/depth behind from
+  the back. Each intersection belongs to exactly one tile, so each program writes its own slots of per-intersection
+  gradient buffers (no atomics, deterministic; slots a tile never reaches keep the zeros of the aliased input), and
+  XLA reduces them with `segment_sum`. That works identically in the interpreter and on Triton (atomics do not
+  interpret everywhere).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from . import projection as pj
 from .tiled_xla import Geometry, Intersections, Splats, make_composite
 
 _ANY = pl.no_block_spec
+_BIG = 2**31 - 1  # "never stopped" sentinel of the per-pixel stop index
 
 
 def _next_pow2(x: int) -> int:
@@ -95,7 +97,7 @@ def _load_splat(i, refs):
 
 
 def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
-                out_f_ref, out_d_ref, out_t_ref, *, geom: Geometry):
+                out_f_ref, out_d_ref, out_t_ref, out_stop_ref, *, geom: Geometry):
   t = pl.program_id(0)
   start, end = start_ref[t], end_ref[t]
   dt = out_d_ref.dtype
@@ -106,7 +108,7 @@ def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
   splat_refs = (mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref)
 
   def splat_step(j, state, c):
-    tr, active, acc_f, acc_d = state
+    tr, active, acc_f, acc_d, stop_at = state
     i = start + c * chunk + j
     mx, my, ca, cb, cc, op, z = _load_splat(i, splat_refs)
     alpha, _, _ = pj.gaussian_alpha(px - mx, py - my, ca, cb, cc, op)
@@ -117,83 +119,77 @@ def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
     w = jnp.where(use, alpha * tr, 0.0)
     acc_f = acc_f + w[:, None] * f_ref[i, :][None, :]
     acc_d = acc_d + w * z
-    return jnp.where(use, next_t, tr), active & ~stop, acc_f, acc_d
+    return jnp.where(use, next_t, tr), active & ~stop, acc_f, acc_d, jnp.where(stop, i, stop_at)
 
   def cond(carry):
     c, n_active = carry[0], carry[1]
     return (c < n_chunks) & (n_active > 0)
 
   def body(carry):
-    c, _, tr, active, acc_f, acc_d = carry
-    tr, active, acc_f, acc_d = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c),
-                                                 (tr, active, acc_f, acc_d))
-    return c + 1, jnp.sum(active.astype(jnp.int32)), tr, active, acc_f, acc_d
+    c, _, *state = carry
+    state = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c), tuple(state))
+    return (c + 1, jnp.sum(state[1].astype(jnp.int32))) + state
 
   init = (jnp.int32(0), jnp.int32(p), jnp.ones((p,), dt), jnp.ones((p,), jnp.bool_), jnp.zeros((p, cp), dt),
-          jnp.zeros((p,), dt))
-  _, _, tr, _, acc_f, acc_d = jax.lax.while_loop(cond, body, init)
+          jnp.zeros((p,), dt), jnp.full((p,), _BIG, jnp.int32))
+  _, _, tr, _, acc_f, acc_d, stop_at = jax.lax.while_loop(cond, body, init)
   out_f_ref[...] = acc_f
   out_d_ref[...] = acc_d
   out_t_ref[...] = tr
+  out_stop_ref[...] = stop_at
 
 
 def _bwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
-                d_tot_ref, t_fin_ref, gf_ref, gf_tot_ref, gd_ref, gt_ref, *rest, geom: Geometry):
+                t_fin_ref, stop_ref, gf_ref, gd_ref, gt_ref, *rest, geom: Geometry):
   # rest: 8 aliased zero inputs, then the 8 outputs (d mean x, d mean y, d conic a, b, c, d opacity, d depth,
   # d features); only the outputs are touched.
   outs = rest[8:]
   g_refs, gc_ref = outs[:7], outs[7]
   t = pl.program_id(0)
   start, end = start_ref[t], end_ref[t]
-  dt = d_tot_ref.dtype
+  dt = t_fin_ref.dtype
   px, py = _pixel_coords(t, geom, dt)
   p = geom.pixels_per_tile
   chunk = geom.chunk
-  n_chunks = (end - start + chunk - 1) // chunk
   splat_refs = (mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref)
-  d_tot, t_fin, g_f, gf_tot, g_d = d_tot_ref[...], t_fin_ref[...], gf_ref[...], gf_tot_ref[...], gd_ref[...]
+  t_fin, stop_at, g_f, g_d = t_fin_ref[...], stop_ref[...], gf_ref[...], gd_ref[...]
   gt_term = gt_ref[...] * t_fin
+  # Back to front from the last splat any pixel of the tile used (gsplat's order).
+  hi = jnp.minimum(jnp.max(stop_at), end)
+  n_chunks = (hi - start + chunk - 1) // chunk
 
   def splat_step(j, state, c):
-    tr, active, pre_f, pre_d = state
-    i = start + c * chunk + j
-    mx, my, ca, cb, cc, op, z = _load_splat(i, splat_refs)
-    feat = f_ref[i, :]
+    t_after, s_f, s_d = state
+    i = hi - 1 - (c * chunk + j)
+    valid = i >= start
+    i_ld = jnp.maximum(i, start)  # in-bounds load; masked below
+    mx, my, ca, cb, cc, op, z = _load_splat(i_ld, splat_refs)
+    feat = f_ref[i_ld, :]
     dx, dy = px - mx, py - my
     alpha, raw, gauss = pj.gaussian_alpha(dx, dy, ca, cb, cc, op)
-    alpha = jnp.where(active & (i < end), alpha, 0.0)
-    next_t = tr * (1.0 - alpha)
-    stop = (alpha > 0) & (next_t <= pj.T_EPS)
-    use = (alpha > 0) & ~stop
-    w = jnp.where(use, alpha * tr, 0.0)
+    alpha = jnp.where(valid, alpha, 0.0)
+    use = (alpha > 0) & (i < stop_at)
+    t_before = t_after / jnp.where(use, 1.0 - alpha, 1.0)
+    w = jnp.where(use, alpha * t_before, 0.0)
     q = jnp.sum(g_f * feat[None, :], axis=1)  # dL/dF . c_i per pixel
-    pre_f = pre_f + w * q
-    pre_d = pre_d + w * z
     inv = 1.0 / (1.0 - alpha)
-    dalpha = (q * tr - (gf_tot - pre_f) * inv + g_d * (z * tr - (d_tot - pre_d) * inv) - gt_term * inv)
+    dalpha = q * t_before - s_f * inv + g_d * (z * t_before - s_d * inv) - gt_term * inv
     dalpha = jnp.where(use, dalpha, 0.0)
     parts = pj.alpha_vjp(dalpha, dx, dy, ca, cb, cc, alpha, raw, gauss) + (w * g_d,)
 
-    @pl.when(i < end)
+    @pl.when(valid)
     def _store():
       for ref, part in zip(g_refs, parts):
         ref[i] = jnp.sum(part)
       gc_ref[i, :] = jnp.sum(w[:, None] * g_f, axis=0)
 
-    return jnp.where(use, next_t, tr), active & ~stop, pre_f, pre_d
+    return t_before, s_f + w * q, s_d + w * z
 
-  def cond(carry):
-    return (carry[0] < n_chunks) & (carry[1] > 0)
+  def body(c, state):
+    return jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c), state)
 
-  def body(carry):
-    c, _, tr, active, pre_f, pre_d = carry
-    tr, active, pre_f, pre_d = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c),
-                                                 (tr, active, pre_f, pre_d))
-    return c + 1, jnp.sum(active.astype(jnp.int32)), tr, active, pre_f, pre_d
-
-  init = (jnp.int32(0), jnp.int32(p), jnp.ones((p,), dt), jnp.ones((p,), jnp.bool_), jnp.zeros((p,), dt),
-          jnp.zeros((p,), dt))
-  jax.lax.while_loop(cond, body, init)
+  init = (t_fin, jnp.zeros((p,), dt), jnp.zeros((p,), dt))
+  jax.lax.fori_loop(0, n_chunks, body, init)
 
 
 def _tile_spec(geom: Geometry, extra=()):
@@ -206,44 +202,43 @@ def pallas_forward(splats: Splats, isect: Intersections, geom: Geometry, interpr
   scal, feat = _gather_sorted(splats, isect, geom.chunk)
   dt = scal[0].dtype
   nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
-  f, d, t = pl.pallas_call(
+  f, d, t, stop_at = pl.pallas_call(
       functools.partial(_fwd_kernel, geom=geom),
       out_shape=(_out_struct((nt, p, cp), dt, isect.tile_start), _out_struct((nt, p), dt, isect.tile_start),
-                 _out_struct((nt, p), dt, isect.tile_start)),
+                 _out_struct((nt, p), dt, isect.tile_start), _out_struct((nt, p), jnp.int32, isect.tile_start)),
       grid=(nt,),
       in_specs=[_ANY] * 10,
-      out_specs=(_tile_spec(geom, (cp,)), _tile_spec(geom), _tile_spec(geom)),
+      out_specs=(_tile_spec(geom, (cp,)), _tile_spec(geom), _tile_spec(geom), _tile_spec(geom)),
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="gs_composite_fwd",
   )(isect.tile_start, isect.tile_end, *scal, feat)
-  return f[..., :c], d, t
+  return f[..., :c], d, t, stop_at
 
 
-def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot, d_tot, t_fin, g_f, g_d, g_t,
+def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, t_fin, stop_at, g_f, g_d, g_t,
                     interpret: bool):
   """Same contract as `tiled_xla.xla_backward`."""
   scal, feat = _gather_sorted(splats, isect, geom.chunk)
   dt = scal[0].dtype
   nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
   mp = feat.shape[0]
-  gf_tot = jnp.sum(g_f * f_tot, -1)
   g_f = jnp.pad(g_f, ((0, 0), (0, 0), (0, cp - c)))
   zero = (isect.tile_start[:1] * 0).astype(dt)  # carries the inputs' shard_map varying axes (see tiled_xla)
   zeros = [jnp.zeros((mp,), dt) + zero for _ in range(7)] + [jnp.zeros((mp, cp), dt) + zero[:, None]]
-  n_in = 16
+  n_in = 15
   outs = pl.pallas_call(
       functools.partial(_bwd_kernel, geom=geom),
       out_shape=tuple(_out_struct(z.shape, dt, isect.tile_start) for z in zeros),
       grid=(nt,),
       in_specs=[_ANY] * 10 + [_tile_spec(geom), _tile_spec(geom), _tile_spec(geom, (cp,)), _tile_spec(geom),
-                              _tile_spec(geom), _tile_spec(geom)] + [_ANY] * 8,
+                              _tile_spec(geom)] + [_ANY] * 8,
       out_specs=tuple([_ANY] * 8),
       input_output_aliases={n_in + i: i for i in range(8)},
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="gs_composite_bwd",
-  )(isect.tile_start, isect.tile_end, *scal, feat, d_tot, t_fin, g_f, gf_tot, g_d, g_t, *zeros)
+  )(isect.tile_start, isect.tile_end, *scal, feat, t_fin, stop_at, g_f, g_d, g_t, *zeros)
   m = isect.gid.shape[0]
   g_s = jnp.stack([o[:m] for o in outs[:7]], -1)
   return g_s, outs[7][:m, :c]

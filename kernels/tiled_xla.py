@@ -12,12 +12,13 @@ Pipeline (all static shapes, no host synchronisation):
 
 Gradients: a `jax.custom_vjp` around step 3 (`make_composite`). Why not autodiff: reverse-mode cannot go through a
 while_loop with a dynamic trip count, and a static-length scan would store per-chunk state of every tile
-([tiles, 256, chunk] floats per step) for the backward pass: gigabytes at STORM-VAE scale. The backward pass
-instead recomputes the forward front to back with the same code (so the termination decisions are bit-identical),
-needing only the final colour/depth/transmittance per pixel. The contribution of the splats behind splat i, which
-gsplat gets by a back-to-front walk, is here total - prefix; it is dotted with the output cotangent first so only
-[tiles, 256, chunk] scalars are live. Per-intersection gradients go to an [M, 7 + C] buffer and are reduced to
-Gaussians with `segment_sum` (deterministic, no atomics).
+([tiles, 256, chunk] floats per step) for the backward pass: gigabytes at STORM-VAE scale. The forward pass also
+returns each pixel's stop index (the slot at which it terminated), so the backward pass knows the used splats
+without re-deciding any threshold. The backward pass runs gsplat's way, back to front from the last used chunk:
+T before a splat is T after it divided by (1 - alpha) (alpha <= 0.99), and the colour/depth of the splats behind is
+accumulated from the back, dotted with the output cotangent first so only [tiles, 256, chunk] scalars are live
+(a front-to-back "total - prefix" variant lost ~eps |F| / (1 - alpha) to cancellation in float32). Per-intersection
+gradients go to an [M, 7 + C] buffer and are reduced to Gaussians with `segment_sum` (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def _gather_chunk(splats: Splats, isect: Intersections, c, chunk: int):
   m = isect.gid.shape[0]
   kn = splats.depths.shape[0]
   n = splats.opacities.shape[0]
-  idx = isect.tile_start[:, None] + c * chunk + jnp.arange(chunk)[None]
+  idx = isect.tile_start[:, None] + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None]
   ok = idx < isect.tile_end[:, None]
   g = jnp.where(ok, isect.gid[jnp.minimum(idx, m - 1)], 0)
   ok = ok & (g < kn)
@@ -208,59 +209,80 @@ def _varying_zero(isect: Intersections, dtype):
 
 
 def xla_forward(splats: Splats, isect: Intersections, geom: Geometry):
-  """-> F [n_tiles, P, C] (no background), D [n_tiles, P], T [n_tiles, P]."""
+  """-> F [n_tiles, P, C] (no background), D [n_tiles, P], T [n_tiles, P], stop [n_tiles, P] int32.
+
+  stop: sorted-slot index of the splat at which the pixel stopped (excluded), or INT32_MAX: splat i was used by
+  the pixel iff alpha_i > 0 and i < stop. The backward pass takes the used set from it (no threshold re-decided).
+  """
   dt = splats.means2d.dtype
   px, py = pixel_centres(geom, dt)
   nt, p, cdim = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[-1]
   n_chunks = _n_chunks(isect, geom.chunk)
+  big = jnp.iinfo(jnp.int32).max
 
   def cond(carry):
-    c, _, active, _, _ = carry
+    c, _, active, _, _, _ = carry
     return (c < n_chunks) & jnp.any(active)
 
   def body(carry):
-    c, t, active, f, d = carry
-    _, ok, m2, con, z, op, feat = _gather_chunk(splats, isect, c, geom.chunk)
+    c, t, active, f, d, stop_at = carry
+    idx, ok, m2, con, z, op, feat = _gather_chunk(splats, isect, c, geom.chunk)
     alpha = _chunk_alpha(px, py, m2, con, op, ok, active)[0]
-    _, w, _, t, stopped = _chunk_weights(alpha, t)
+    use, w, _, t, stopped = _chunk_weights(alpha, t)
+    first = jnp.min(jnp.where((alpha > 0) & ~use, idx[:, None, :], big), -1)
+    stop_at = jnp.minimum(stop_at, first)
     f = f + jnp.einsum("tpb,tbc->tpc", w, feat)
     d = d + jnp.einsum("tpb,tb->tp", w, z)
-    return c + 1, t, active & ~stopped, f, d
+    return c + 1, t, active & ~stopped, f, d, stop_at
 
   zero = _varying_zero(isect, dt)[:, None]
   init = (jnp.int32(0), 1.0 + jnp.zeros((nt, p), dt) + zero, jnp.ones((nt, p), bool) & (zero == 0),
-          jnp.zeros((nt, p, cdim), dt) + zero[..., None], jnp.zeros((nt, p), dt) + zero)
-  _, t, _, f, d = jax.lax.while_loop(cond, body, init)
-  return f, d, t
+          jnp.zeros((nt, p, cdim), dt) + zero[..., None], jnp.zeros((nt, p), dt) + zero,
+          jnp.full((nt, p), big, jnp.int32) + zero.astype(jnp.int32))
+  _, t, _, f, d, stop_at = jax.lax.while_loop(cond, body, init)
+  return f, d, t, stop_at
 
 
-def xla_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot, d_tot, t_fin, g_f, g_d, g_t):
-  """Per-intersection cotangents: ([M, 7] for (mean x, mean y, conic a, b, c, opacity, depth), [M, C])."""
+def xla_backward(splats: Splats, isect: Intersections, geom: Geometry, t_fin, stop_at, g_f, g_d, g_t):
+  """Per-intersection cotangents: ([M, 7] for (mean x, mean y, conic a, b, c, opacity, depth), [M, C]).
+
+  gsplat's order: chunks from the back to the front; T before a chunk is T after it divided by the chunk's
+  prod(1 - alpha) over used splats, and the colour/depth behind splat i is accumulated from the back (no
+  total - prefix cancellation).
+  """
   dt = splats.means2d.dtype
   px, py = pixel_centres(geom, dt)
   nt, p = geom.n_tiles, geom.pixels_per_tile
   m, cdim = isect.gid.shape[0], splats.features.shape[-1]
-  n_chunks = _n_chunks(isect, geom.chunk)
-  gf_tot = jnp.sum(g_f * f_tot, -1)  # [nt, p] dL/dF . F
+  # Chunks beyond every pixel's stop hold no used splat: start from the last chunk that can.
+  last = jnp.minimum(jnp.max(stop_at, -1), isect.tile_end)
+  c_hi = (jnp.max(last - isect.tile_start, initial=0) + geom.chunk - 1) // geom.chunk
   gt_term = g_t * t_fin  # dT_final/dalpha_i = -T_final / (1 - alpha_i)
 
+  def excl_suffix(x):  # sum over k > i within the chunk, without subtracting x_i
+    incl = jnp.flip(jnp.cumsum(jnp.flip(x, -1), -1), -1)
+    return jnp.concatenate([incl[..., 1:], jnp.zeros_like(incl[..., :1])], -1)
+
   def cond(carry):
-    return (carry[0] < n_chunks) & jnp.any(carry[2])
+    return carry[0] >= 0
 
   def body(carry):
-    c, t, active, pre_f, pre_d, g_s, g_c = carry
+    c, t_after, s_f, s_d, g_s, g_c = carry
     idx, ok, m2, con, z, op, feat = _gather_chunk(splats, isect, c, geom.chunk)
-    alpha, raw, gauss, dx, dy, ca, cb, cc = _chunk_alpha(px, py, m2, con, op, ok, active)
-    use, w, t_before, t_new, stopped = _chunk_weights(alpha, t)
+    alpha, raw, gauss, dx, dy, ca, cb, cc = _chunk_alpha(px, py, m2, con, op, ok, jnp.ones_like(t_after, bool))
+    use = (alpha > 0) & (idx[:, None, :] < stop_at[..., None])
+    onem = jnp.where(use, 1.0 - alpha, 1.0)
+    t_start = t_after / jnp.prod(onem, -1)
+    t_before = t_start[..., None] * jnp.concatenate([jnp.ones_like(onem[..., :1]), jnp.cumprod(onem, -1)[..., :-1]],
+                                                    -1)
+    w = jnp.where(use, alpha * t_before, 0.0)
     q = jnp.einsum("tpc,tbc->tpb", g_f, feat)  # dL/dF . c_i
-    wq = w * q
-    wz = w * z[:, None, :]
-    incl_f = pre_f[..., None] + jnp.cumsum(wq, -1)  # dL/dF . (prefix up to and including i)
-    incl_d = pre_d[..., None] + jnp.cumsum(wz, -1)
+    wq, wz = w * q, w * z[:, None, :]
+    behind_f = s_f[..., None] + excl_suffix(wq)  # dL/dF . (colour of the used splats behind i)
+    behind_d = s_d[..., None] + excl_suffix(wz)
     inv = 1.0 / (1.0 - alpha)
-    behind_f = gf_tot[..., None] - incl_f
-    behind_d = g_d[..., None] * (d_tot[..., None] - incl_d)
-    dalpha = (q * t_before - behind_f * inv + g_d[..., None] * z[:, None, :] * t_before - behind_d * inv
+    zz = z[:, None, :]
+    dalpha = (q * t_before - behind_f * inv + g_d[..., None] * (zz * t_before - behind_d * inv)
               - gt_term[..., None] * inv)
     dalpha = jnp.where(use, dalpha, 0.0)
     parts = pj.alpha_vjp(dalpha, dx, dy, ca, cb, cc, alpha, raw, gauss)
@@ -269,15 +291,14 @@ def xla_backward(splats: Splats, isect: Intersections, geom: Geometry, f_tot, d_
     s_idx = jnp.where(ok, idx, m).reshape(-1)  # out of range -> dropped
     g_s = g_s.at[s_idx].set(scal.reshape(-1, 7), mode="drop")
     g_c = g_c.at[s_idx].set(jnp.einsum("tpb,tpc->tbc", w, g_f).reshape(-1, cdim), mode="drop")
-    return c + 1, t_new, active & ~stopped, incl_f[..., -1], incl_d[..., -1], g_s, g_c
+    return c - 1, t_start, s_f + jnp.sum(wq, -1), s_d + jnp.sum(wz, -1), g_s, g_c
 
   zero = _varying_zero(isect, dt)[:, None]
   zero_m = (isect.gid[:, None] * 0).astype(dt)
-  init = (jnp.int32(0), 1.0 + jnp.zeros((nt, p), dt) + zero, jnp.ones((nt, p), bool) & (zero == 0),
-          jnp.zeros((nt, p), dt) + zero, jnp.zeros((nt, p), dt) + zero, jnp.zeros((m, 7), dt) + zero_m,
-          jnp.zeros((m, cdim), dt) + zero_m)
+  init = (c_hi - 1, t_fin + zero, jnp.zeros((nt, p), dt) + zero, jnp.zeros((nt, p), dt) + zero,
+          jnp.zeros((m, 7), dt) + zero_m, jnp.zeros((m, cdim), dt) + zero_m)
   out = jax.lax.while_loop(cond, body, init)
-  return out[5], out[6]
+  return out[4], out[5]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -299,16 +320,16 @@ def make_composite(forward: Callable, backward: Callable):
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
   def composite(splats: Splats, isect: Intersections, geom: Geometry):
-    return forward(splats, isect, geom)
+    return forward(splats, isect, geom)[:3]
 
   def fwd(splats, isect, geom):
-    out = forward(splats, isect, geom)
-    return out, (splats, isect, out)
+    f, d, t, stop_at = forward(splats, isect, geom)
+    return (f, d, t), (splats, isect, t, stop_at)
 
   def bwd(geom, res, cts):
-    splats, isect, (f, d, t) = res
+    splats, isect, t, stop_at = res
     g_f, g_d, g_t = cts
-    g_s, g_c = backward(splats, isect, geom, f, d, t, g_f, g_d, g_t)
+    g_s, g_c = backward(splats, isect, geom, t, stop_at, g_f, g_d, g_t)
     zero_isect = jax.tree.map(lambda x: None, isect)
     return _reduce_to_splats(splats, isect, g_s, g_c), zero_isect
 
