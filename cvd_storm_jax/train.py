@@ -88,7 +88,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   # Mesh.
   # ------------------------------------------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+  devices = jax.devices()[:config.num_devices] if config.get("num_devices", 0) else jax.devices()
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   dp = sharding.data_parallel_size(mesh)
   if config.data.batch_size % dp:
@@ -116,7 +117,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
                     for k, v in probe.items()}
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed_params = jax.eval_shape(task.init, init_rng, abstract_batch)
   param_shardings = sharding.tree_shardings(boxed_params, mesh, rules)
   abstract_params = meta.unbox(boxed_params)
@@ -153,7 +154,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     log.info("resumed at step %d", start_step)
   else:
     start_step = 0
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(fresh_state, out_shardings=state_shardings)(init_rng)
     if config.get("init_from"):
       loaded = ckpt_lib.load_params(config.init_from)
@@ -190,7 +191,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     return new_state, metrics
 
   batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in abstract_batch.items()}
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     update_fn = jax.jit(update, in_shardings=(state_shardings, batch_shardings, repl),
                         out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
@@ -226,7 +227,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       host = task.device_batch(next(data_iter))
       flops_since += task.flops_per_step(host)
       tokens_since += task.tokens_per_step(host)
-      with mesh, nn.logical_axis_rules(rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = update_fn(state, as_global(host), train_rng)
       step += 1
       steps_since += 1
@@ -281,6 +282,8 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                       stream=sys.stderr)
+  # Orbax and grain narrate every save at INFO through absl; keep the console for the trainer's own lines.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/dit.py:tiny")
   if _WORKDIR.value is None:

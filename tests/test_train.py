@@ -43,7 +43,7 @@ def _grads_on_mesh(config, mesh_cfg, devices, host_batch):
   batch_np = task.device_batch(host_batch)
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
   key = jax.random.key(0)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(task.init, key, abstract)
     shardings = sharding.tree_shardings(boxed, mesh, rules)
     params = jax.jit(lambda r: meta.unbox(task.init(r, jax.tree.map(jnp.zeros_like, abstract))),
@@ -82,6 +82,7 @@ def _losses(workdir):
 
 def test_tiny_model_overfits_one_clip(tmp_path):
   config = tiny_config(num_clips=1, batch_size=2)
+  config.num_devices = 1
   c = config.conditioning
   c.text_drop = c.box_drop = c.map_drop = c.crossview_drop = 0.0
   c.generation_task_ratio, c.image_generation_ratio = 1.0, 0.0  # no reference frames: every frame is in the loss
@@ -100,7 +101,8 @@ def test_tiny_model_overfits_one_clip(tmp_path):
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
   from cvd_storm_jax import train as train_mod
   n = 3
-  config = tiny_config(batch_size=2)
+  config = tiny_config(batch_size=4)  # and a data x fsdp x tensor mesh: the sharded trainer resumes exactly
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   config.total_steps = 2 * n
   config.log_every = 1
   config.checkpoint.every_steps = 100
@@ -165,6 +167,7 @@ def test_nonfinite_step_never_reaches_params(tmp_path):
   """A NaN learning signal: the step is skipped and counted; after too many in a row the run stops, params intact."""
   from cvd_storm_jax import train as train_mod
   config = tiny_config(batch_size=2)
+  config.num_devices = 1
   config.total_steps = 6
   config.log_every = 1
   config.max_consecutive_nonfinite = 2

@@ -12,15 +12,21 @@ Per training sample (all choices drawn from the step's key, so a resumed run dra
 The loss is the paper's velocity MSE (or OpenDWM's x0 form), averaged over real views (view mask) and, by default,
 over the generated frames only (the reference frames' velocity target is undefined: their input holds no noise).
 
-Latents: ``latents.kind`` = "pixel_unshuffle" (a fixed, frozen orthogonal projection of 8x8 pixel patches to 16
-channels: a stand-in encoder for CPU runs before a VAE is plugged in) or "precomputed" (the batch carries ``latents``
-[B, T, V, h, w, 16] already normalised as SD3 does).
+Latents: ``latents.kind`` =
+- "vae": the frozen (STORM-)VAE encoder inside the step (posterior sample, then SD3's (z - shift) * scale, in chunks
+  of ``latents.chunk`` images). ``latents.vae_from`` is a diffusers VAE folder / SD3.5 root (``pretrained.vae``), or
+  a params file (``checkpoint.save_params``; e.g. ``python -m cvd_storm_jax.export_params`` of a STORM-VAE run, whose
+  ``vae`` subtree is used), or "" for a random encoder of shape ``latents.vae`` (tests);
+- "precomputed": the batch carries ``latents`` [B, T, V, h, w, 16] already normalised as SD3 does;
+- "pixel_unshuffle": a fixed, frozen orthogonal projection of 8x8 pixel patches to 16 channels (CPU runs without a
+  VAE).
 Text: ``text.kind`` = "hashed_words" (a small trainable text embedder over hashed word ids, for the synthetic data)
 or "precomputed" (the batch carries ``text_tokens`` / ``pooled_text`` from the SD3 text encoders, see
 cvd_storm_jax/precompute_text.py; ``text.null_embedding`` names the store whose "" entry is the dropped prompt).
 """
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from typing import Any, Mapping
@@ -32,7 +38,9 @@ import numpy as np
 
 from cvd_storm_jax.diffusion import rectified_flow as rf
 from cvd_storm_jax.models import cvd_dit
+from cvd_storm_jax.models import vae as vae_lib
 from cvd_storm_jax.models.embeddings import pixel_unshuffle
+from cvd_storm_jax.tasks.common import frozen_mask, load_in_init
 
 LATENT_DOWNSAMPLE = 8
 _WORD = re.compile(r"[a-z0-9]+")
@@ -103,10 +111,17 @@ class DiTTask:
     self.model = DiTModel(config.model, config.text)
     self.cond = config.conditioning
     self.diff = config.diffusion
-    if config.latents.kind == "pixel_unshuffle":
+    kind = config.latents.kind
+    if kind == "pixel_unshuffle":
       self.projection = fixed_unshuffle_projection(config.model.in_channels, config.latents.projection_seed)
-    elif config.latents.kind != "precomputed":
-      raise ValueError(f"config.latents.kind={config.latents.kind!r}; expected 'pixel_unshuffle' or 'precomputed'")
+    elif kind == "vae":
+      self.vae_from = str(config.latents.get("vae_from", "") or "")
+      self.vae = vae_lib.AutoencoderKL(self._vae_config())
+      if self.vae.config.latent_channels != config.model.in_channels:
+        raise ValueError(f"the VAE has {self.vae.config.latent_channels} latent channels, the DiT expects "
+                         f"model.in_channels={config.model.in_channels}")
+    elif kind != "precomputed":
+      raise ValueError(f"config.latents.kind={kind!r}; expected 'vae', 'precomputed' or 'pixel_unshuffle'")
     self.null_text = None
     if config.text.kind == "precomputed":
       from cvd_storm_jax.data_pipelines.text_store import TextEmbeddingStore
@@ -114,6 +129,33 @@ class DiTTask:
       self.null_text = (np.asarray(tokens[0], np.float32), np.asarray(pooled[0], np.float32))
     elif config.text.kind != "hashed_words":
       raise ValueError(f"config.text.kind={config.text.kind!r}; expected 'hashed_words' or 'precomputed'")
+
+  def _vae_config(self) -> vae_lib.VAEConfig:
+    from cvd_storm_jax.pretrained import vae as vae_import
+    from cvd_storm_jax.pretrained.common import read_config
+    if self.vae_from and not self._is_params_file(self.vae_from):
+      folder = vae_import.resolve_vae_folder(self.vae_from)
+      return vae_import.config_from_diffusers(read_config(folder), where=folder)
+    fields = dict(self.config.latents.get("vae", {}) or {})
+    return vae_lib.VAEConfig(**fields)
+
+  @staticmethod
+  def _is_params_file(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
+
+  def _load_vae_encoder(self, fresh_keys):
+    """Host: the VAE params from ``latents.vae_from``, restricted to the encoder part the step uses."""
+    from cvd_storm_jax import checkpoint as ckpt_lib
+    from cvd_storm_jax.pretrained import vae as vae_import
+    if self._is_params_file(self.vae_from):
+      tree = ckpt_lib.load_params(self.vae_from)
+      tree = tree.get("vae", tree)  # a STORM-VAE export keeps the VAE under "vae"
+    else:
+      tree = vae_import.load_vae(self.vae_from)[1]
+    missing = [k for k in fresh_keys if k not in tree]
+    if missing:
+      raise ValueError(f"latents.vae_from={self.vae_from!r} lacks the VAE encoder parts {missing}")
+    return {k: jax.tree.map(np.asarray, tree[k]) for k in fresh_keys}
 
   # ---------------------------------------------------------------------------------------------------------------- #
   def device_batch(self, host_batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -131,11 +173,19 @@ class DiTTask:
                                            self.config.text.vocab_size, self.config.text.max_length)
     return out
 
-  def _latents(self, batch) -> jax.Array:
-    if self.config.latents.kind == "precomputed":
+  def _latents(self, params, batch, rng) -> jax.Array:
+    """Model latents x0 [B, T, V, h, w, C] of the batch's images."""
+    kind = self.config.latents.kind
+    if kind == "precomputed":
       return batch["latents"].astype(jnp.float32)
     x = batch["images"].astype(jnp.float32) / 127.5 - 1.0  # [B, T, V, H, W, 3]
-    return pixel_unshuffle(x, LATENT_DOWNSAMPLE) @ jnp.asarray(self.projection)
+    lead, flat = x.shape[:3], x.reshape((-1,) + x.shape[3:])
+    if kind == "vae":
+      z = self.vae.encode_for_diffusion(jax.lax.stop_gradient(params["vae"]), flat, rng,
+                                        chunk=int(self.config.latents.get("chunk", 12)))
+    else:
+      z = pixel_unshuffle(flat, LATENT_DOWNSAMPLE) @ jnp.asarray(self.projection)
+    return z.reshape(lead + z.shape[1:])
 
   def forward(self, params, batch, x_t, timesteps, text_drop, box_drop, map_drop, disable_temporal,
               disable_crossview):
@@ -160,10 +210,18 @@ class DiTTask:
 
   # ---------------------------------------------------------------------------------------------------------------- #
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]):
-    x0 = self._latents(batch)
+    params_rng, vae_rng = jax.random.split(rng)
+    vae_params = None
+    if self.config.latents.kind == "vae":
+      images = batch["images"]
+      probe = jnp.zeros((1,) + images.shape[3:5] + (3,), jnp.float32)
+      vae_params = self.vae.init(vae_rng, probe, method=vae_lib.AutoencoderKL.encode)["params"]
+      if self.vae_from:
+        keys = tuple(vae_params.keys())
+        vae_params = load_in_init(vae_params, lambda: self._load_vae_encoder(keys))
+    x0 = self._latents({"vae": vae_params}, batch, vae_rng)
     B, T, V = x0.shape[:3]
     false = jnp.zeros((B,), bool)
-    params_rng, _ = jax.random.split(rng)
     if self.config.text.kind == "hashed_words":
       tokens = jnp.zeros(batch["caption_ids"].shape + (self.config.model.joint_attention_dim,))
       pooled = jnp.zeros((B, T, V, self.config.model.pooled_projection_dim))
@@ -177,14 +235,16 @@ class DiTTask:
     if self.config.text.kind == "hashed_words":
       text_vars = self.model.init(params_rng, batch["caption_ids"], method=DiTModel.encode_text)
       params = dict(params, **text_vars["params"])
+    if vae_params is not None:
+      params = dict(params, vae=vae_params)
     return params
 
   def loss_fn(self, params, batch, rng, step):
     del step
     cond, diff = self.cond, self.diff
-    x0 = self._latents(batch)
-    B, T, V = x0.shape[:3]
     keys = jax.random.split(rng, 10)
+    x0 = self._latents(params, batch, keys[9])
+    B, T, V = x0.shape[:3]
     sigma = rf.sample_training_sigmas(keys[0], (B,), shift=diff.shift, logit_mean=diff.logit_mean,
                                       logit_std=diff.logit_std)
     eps = jax.random.normal(keys[1], x0.shape, jnp.float32)
@@ -219,7 +279,8 @@ class DiTTask:
     return loss, metrics
 
   def trainable_mask(self, params):
-    return None
+    """The VAE encoder (when in the step) is frozen (paper: the STORM-VAE encoder is fixed for the diffusion stage)."""
+    return frozen_mask(params, ("vae",)) if "vae" in params else None
 
   def _latent_shape(self, batch) -> tuple[int, ...]:
     if "latents" in batch:

@@ -1,0 +1,155 @@
+"""The DiT task's pieces: tokenisation, the frozen VAE encoder in the step (diffusers folder or STORM-VAE export),
+the reference-frame and condition-drop logic, and rectified flow against diffusers' scheduler."""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from cvd_storm_jax import checkpoint as ckpt_lib
+from cvd_storm_jax.data_pipelines import pipeline
+from cvd_storm_jax.diffusion import rectified_flow as rf
+from cvd_storm_jax.tasks import dit as dit_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16)
+
+
+def tiny_config():
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  try:
+    import dit
+  finally:
+    sys.path.pop(0)
+  c = dit.get_config("tiny")
+  c.data.batch_size = 1
+  c.data.num_frames = 2
+  c.data.buckets = [(32, 64, 1.0)]
+  # Two layers keep compile time small; every block kind is still present.
+  c.model.num_layers, c.model.dual_attention_layers = 2, (0,)
+  c.model.temporal_layers, c.model.crossview_layers, c.model.num_adapter_blocks = (1,), (0,), 1
+  return c
+
+
+def test_hashed_word_ids():
+  caps = np.array([["A red car.", ""], ["a RED car", "night, rain"]], dtype=object)
+  ids = dit_task.hashed_word_ids(caps, vocab_size=64, length=4)
+  assert ids.shape == (2, 2, 4) and ids.dtype == np.int32
+  np.testing.assert_array_equal(ids[0, 0], ids[1, 0])  # case and punctuation do not matter
+  assert (ids[0, 1] == 0).all() and (ids[0, 0, :3] > 0).all() and ids[0, 0, 3] == 0
+  assert ids.max() < 64
+
+
+def test_rectified_flow_matches_diffusers_scheduler():
+  torch = pytest.importorskip("torch")
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  for n in (4, 40, 50):
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    s.set_timesteps(n)
+    np.testing.assert_allclose(np.asarray(rf.sampling_sigmas(n)), s.sigmas.numpy(), atol=1e-6)
+  train = FlowMatchEulerDiscreteScheduler(shift=3.0)
+  sig = np.asarray(rf.sample_training_sigmas(jax.random.key(0), (4096,)))
+  grid = train.sigmas.numpy()
+  assert np.abs(sig[:, None] - grid[None, :]).min(axis=1).max() < 1e-6  # every sigma is on the training grid
+  assert 0.55 < np.median(sig) < 0.85  # logit-normal(0, 1) median 0.5, shifted by 3: 0.75
+  x0, eps = jnp.ones((2, 3)), jnp.zeros((2, 3))
+  np.testing.assert_allclose(rf.add_noise(x0, eps, jnp.array([0.25, 1.0])), [[0.75] * 3, [0.0] * 3])
+  torch.manual_seed(0)
+  sample, v = torch.randn(2, 3), torch.randn(2, 3)
+  s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+  s.set_timesteps(10)
+  want = s.step(v, s.timesteps[3], sample.clone()).prev_sample.numpy()
+  sig = rf.sampling_sigmas(10)
+  got = rf.euler_step(jnp.asarray(sample.numpy()), jnp.asarray(v.numpy()), sig[3], sig[4])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def _init_and_grads(config, host):
+  task = dit_task.make_task(config)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(host).items()}
+  params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
+  (loss, _), grads = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))(params, batch, jax.random.key(1), 0)
+  return task, params, float(loss), grads
+
+
+@pytest.fixture(scope="module")
+def host_batch():
+  return next(pipeline.make_iterator(tiny_config().data, seed=0))
+
+
+def _vae_encoder_from_diffusers(folder):
+  torch = pytest.importorskip("torch")
+  from diffusers import AutoencoderKL
+  torch.manual_seed(0)
+  vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                      use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+  vae.save_pretrained(folder)
+  return vae
+
+
+def test_vae_latents_from_diffusers_folder_are_frozen(tmp_path, host_batch):
+  torch = pytest.importorskip("torch")
+  folder = str(tmp_path / "vae")
+  ref = _vae_encoder_from_diffusers(folder)
+  config = tiny_config()
+  config.latents.kind, config.latents.vae_from = "vae", folder
+  task, params, loss, grads = _init_and_grads(config, host_batch)
+  assert np.isfinite(loss)
+  # The encoder params are the imported ones (not a random init), and nothing flows into them.
+  assert "decoder" not in params["vae"]
+  conv_in = np.asarray(params["vae"]["encoder"]["conv_in"]["kernel"])
+  want = ref.encoder.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_allclose(conv_in, want, rtol=1e-6)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["vae"]))
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads["dit"]))
+  mask = task.trainable_mask(params)
+  assert not any(jax.tree.leaves(mask["vae"])) and all(jax.tree.leaves(mask["dit"]))
+  # The latents are SD3's: posterior mean ~ (diffusers encode mean - shift) * scale, up to the posterior noise.
+  x = host_batch["images"][0, 0, 0].astype(np.float32) / 127.5 - 1.0
+  with torch.no_grad():
+    mean = ref.encode(torch.from_numpy(x.transpose(2, 0, 1)[None])).latent_dist.mean[0].numpy().transpose(1, 2, 0)
+  mean_j, _ = task.vae.apply({"params": params["vae"]}, jnp.asarray(x[None]), method=task.vae.encode)
+  np.testing.assert_allclose(np.asarray(mean_j[0]), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
+  config = tiny_config()
+  config.latents.kind = "vae"
+  config.latents.vae = TINY_VAE
+  from cvd_storm_jax.models import vae as vae_lib
+  vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(**TINY_VAE))
+  full = meta.unbox(vae.init(jax.random.key(7), jnp.zeros((1, 32, 64, 3)))["params"])
+  path = str(tmp_path / "storm_vae_params")
+  ckpt_lib.save_params(path, {"vae": full, "gs": {"w": np.ones((3,), np.float32)}})
+  config.latents.vae_from = path
+  task = dit_task.make_task(config)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}
+  params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(params["vae"]["encoder"]["conv_in"]["kernel"]),
+                                np.asarray(full["encoder"]["conv_in"]["kernel"]))
+
+
+def test_dropped_conditions_change_the_prediction_and_grey_layout(host_batch):
+  config = tiny_config()
+  task = dit_task.make_task(config)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}
+  params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
+  # Make the zero-initialised adapter outputs non-zero so that the layout reaches the prediction.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if "adapter" in jax.tree_util.keystr(p) else x, params)
+  x0 = task._latents(params, batch, jax.random.key(2))
+  B, T, V = x0.shape[:3]
+  t = jnp.full((B, T, V), 500.0)
+  f = jnp.zeros((B,), bool)
+  tr = jnp.ones((B,), bool)
+  base = task.forward(params, batch, x0, t, f, f, f, f, f)
+  for drops in ((tr, f, f), (f, tr, f), (f, f, tr)):
+    out = task.forward(params, batch, x0, t, *drops, f, f)
+    assert float(jnp.abs(out - base).max()) > 0, drops
