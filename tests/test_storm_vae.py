@@ -207,3 +207,32 @@ def test_eval_outputs(env, tmp_path):
   ply = eval_storm.read_ply(str(tmp_path / "a.ply"))
   assert len(ply["means"]) == 2 * V * H * W  # every Gaussian of the multi-view sample has opacity > 0
   assert len(eval_storm.read_ply(str(tmp_path / "b.ply"))["means"]) == 2 * 1 * H * W
+
+
+def test_init_from_vae_folder(tmp_path):
+  """config.init_from_vae: the "vae" params come from a diffusers AutoencoderKL folder (inside the jitted init)."""
+  if "torchvision" not in sys.modules:  # the venv's torchvision does not load beside CPU torch; diffusers needs none
+    sys.modules["torchvision"] = None
+  import torch
+  from diffusers import AutoencoderKL as TorchVAE
+
+  from cvd_storm_jax.pretrained.vae import load_vae
+  torch.manual_seed(0)
+  TorchVAE(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           layers_per_block=1, norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609,
+           use_quant_conv=False, use_post_quant_conv=False).save_pretrained(tmp_path / "vae")
+  cfg = _config()
+  cfg.init_from_vae = str(tmp_path / "vae")
+  task = get_task(cfg)
+  scene = _clip(1)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(_host_batch([scene], [True])).items()}
+  init = lambda r, b: meta.unbox(task.init(r, b))
+  params = jax.jit(init).lower(jax.random.key(0), batch).compile(FAST_COMPILE)(jax.random.key(0), batch)
+  _, want = load_vae(str(tmp_path / "vae"))
+  got_leaves = jax.tree_util.tree_leaves_with_path(params["vae"])
+  want_leaves = jax.tree.leaves(meta.unbox(want))
+  assert len(got_leaves) == len(want_leaves) > 0
+  for (path, g), w in zip(got_leaves, want_leaves):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))
+  assert _norm(params["gs"]) > 0  # the GS decoder is freshly initialised
