@@ -9,6 +9,10 @@ The check behind tests/test_storm_vae.py::test_short_overfit_improves_renders, r
 By default the targets are the context frames themselves (reconstruction of the scene at the observed times); with
 --novel they are the frames between the context frames (novel times: the velocity head must move the Gaussians).
 Prints a JSON line every --log_every steps and a final one with "reached": {"psnr": bool, "depth": bool}.
+
+Recorded 2026-11-27 on the shared 2-core CPU (``--steps 600 --views 3 --height 32 --width 56``, targets = context
+frames, seed 1, 32 min): PSNR 26.2 dB at step 200, 28.1 at 450, 29.19 at 600 (SSIM 0.907); LiDAR depth RMSE 2.08 m =
+4.2 % of the 49.7 m depth range (AbsRel 0.032, delta1 0.988): both targets reached.
 """
 from __future__ import annotations
 
