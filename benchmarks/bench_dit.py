@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax

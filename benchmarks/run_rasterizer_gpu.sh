@@ -12,21 +12,9 @@ OUT_DIR=${1:-${OUT:-$(mktemp -d)}}
 mkdir -p "$OUT_DIR"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 
-if ! python3 -c "import cvd_storm_jax.kernels" 2>/dev/null; then
-  SITE=$(mktemp -d)
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
-  fi
-  # The package-dir mapping (kernels/ -> cvd_storm_jax.kernels) only exists once installed.
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" .
-  export PYTHONPATH=$SITE:${PYTHONPATH:-}
-fi
+source "$(dirname "$0")/gpu_env.sh"
 
-ANCHOR=""
-for cand in "${GSPLAT_ANCHOR:-}" ../shared/tools/anchors/gsplat_rasterize.py shared/tools/anchors/gsplat_rasterize.py \
-            /work/shared/tools/anchors/gsplat_rasterize.py; do
-  if [ -n "$cand" ] && [ -f "$cand" ]; then ANCHOR=$cand; break; fi
-done
+ANCHOR=$(find_anchor gsplat_rasterize.py "${GSPLAT_ANCHOR:-}")
 
 if [ -n "$ANCHOR" ]; then
   echo "== gsplat anchor: $ANCHOR"

@@ -10,22 +10,9 @@ set -euo pipefail
 OUT_DIR=${1:-${OUT:-$(mktemp -d)}}
 mkdir -p "$OUT_DIR"
 
-if ! python3 -c "import cvd_storm_jax, diffusers" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "cvd_storm_jax/diffusers not importable and no .whl/ wheels here: see the header of $0" >&2
-    exit 2
-  fi
-  SITE=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" .
-  export PYTHONPATH=$SITE:${PYTHONPATH:-}
-fi
+source "$(dirname "$0")/gpu_env.sh"
 
-ANCHOR=""
-for cand in "${VAE_ANCHOR:-}" shared/tools/anchors/diffusers_vae.py ../shared/tools/anchors/diffusers_vae.py \
-            /work/shared/tools/anchors/diffusers_vae.py; do
-  if [ -n "$cand" ] && [ -f "$cand" ]; then ANCHOR=$cand; break; fi
-done
+ANCHOR=$(find_anchor diffusers_vae.py "${VAE_ANCHOR:-}")
 
 if [ -n "$ANCHOR" ]; then
   echo "== diffusers anchor: $ANCHOR"

@@ -23,25 +23,8 @@ from __future__ import annotations
 import ml_collections
 
 
-def default_sharding_rules():
-  """Logical axis -> mesh axes (MaxText style). Params: FSDP over 'fsdp' on the model width, tensor parallelism over
-  'tensor' on the MLP/heads/vocab dims. Activations: the batch over ('data', 'fsdp')."""
-  return [
-      ["batch", ["data", "fsdp"]],
-      ["embed", "fsdp"],
-      ["mlp", "tensor"],
-      ["heads", "tensor"],
-      ["vocab", "tensor"],
-      ["conv_out", "tensor"],
-      ["kv", None],
-      ["conv_in", None],
-      ["norm", None],
-      ["layers", None],
-      ["length", None],
-  ]
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  from cvd_storm_jax import sharding
   from cvd_storm_jax.data_pipelines.pipeline import default_data_config
   from cvd_storm_jax.models.cvd_dit import default_model_config
 
@@ -103,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_devices = 0  # 0 = every device (all hosts); N = only the first N (single-host debugging)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})
-  c.sharding_rules = default_sharding_rules()
+  c.sharding_rules = sharding.default_rules()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100 if tiny else 1000

@@ -21,22 +21,11 @@ Evaluate a run: python -m cvd_storm_jax.eval_storm --config=configs/storm_vae.py
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 
-def default_sharding_rules():
-  """The same logical-axis rules as configs/dit.py (loaded from the file next to this one, whatever sys.path is)."""
-  spec = importlib.util.spec_from_file_location("_cvd_storm_configs_dit",
-                                                os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit.py"))
-  dit = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(dit)
-  return dit.default_sharding_rules()
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  from cvd_storm_jax import sharding
   from cvd_storm_jax.data_pipelines.pipeline import default_data_config
 
   tiny = arg == "tiny"
@@ -98,7 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})
-  c.sharding_rules = default_sharding_rules()
+  c.sharding_rules = sharding.default_rules()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100 if tiny else 1000

@@ -23,6 +23,25 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+def default_rules() -> list[list]:
+  """Logical axis -> mesh axes, the configs' default (MaxText style). Params: FSDP over 'fsdp' on the model width,
+  tensor parallelism over 'tensor' on the MLP / heads / vocab / conv-output dims. Activations: the batch over
+  ('data', 'fsdp'). A list of [name, axes] pairs so that a ConfigDict can hold (and a command line override) it."""
+  return [
+      ["batch", ["data", "fsdp"]],
+      ["embed", "fsdp"],
+      ["mlp", "tensor"],
+      ["heads", "tensor"],
+      ["vocab", "tensor"],
+      ["conv_out", "tensor"],
+      ["kv", None],
+      ["conv_in", None],
+      ["norm", None],
+      ["layers", None],
+      ["length", None],
+  ]
+
+
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A Mesh with axes ('data', 'fsdp', 'tensor') sized from ``mesh_config`` (a mapping; -1 = all remaining devices).
 
@@ -86,7 +105,9 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh, path: str) -> P:
 def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
   """NamedShardings for a (possibly logically boxed) abstract pytree; unboxed leaves are replicated."""
   logical_specs = nn.get_partition_spec(boxed_abstract)
-  unboxed = meta.unbox(boxed_abstract)
+  # The boxes' plain values: meta.unbox would also apply sharding constraints when a mesh is in context.
+  is_box = lambda x: isinstance(x, meta.AxisMetadata)
+  unboxed = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_abstract, is_leaf=is_box)
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
   paths_and_leaves = jax.tree_util.tree_flatten_with_path(unboxed)[0]
   specs_flat = jax.tree_util.tree_leaves(mesh_specs, is_leaf=lambda x: isinstance(x, P) or x is None)

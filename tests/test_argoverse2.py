@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pytest

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +30,7 @@ from cvd_storm_jax import storm_losses
 from cvd_storm_jax.models import vae as vae_lib
 from cvd_storm_jax.models.gs_decoder import GSDecoderConfig, default_gs_decoder_config
 from cvd_storm_jax.models.storm_vae import StormVAE
+from cvd_storm_jax.tasks.common import frozen_mask, load_in_init
 
 _BATCH_KEYS = ("images", "intrinsics", "cam_to_ego", "ego_to_world", "timestamps", "view_mask", "depth")
 
@@ -68,14 +68,6 @@ def reference_frame_cameras(cam_to_ego: jax.Array, ego_to_world: jax.Array, ref_
   ref_from_world = jnp.linalg.inv(ego_to_world[:, ref_index].astype(jnp.float32))
   ref_from_ego = jnp.einsum("bij,btjk->btik", ref_from_world, ego_to_world.astype(jnp.float32))
   return jnp.einsum("btij,btvjk->btvik", ref_from_ego, cam_to_ego.astype(jnp.float32))
-
-
-def _host_tree_callback(fresh: Any, load) -> Any:
-  """Replaces the leaves of a (boxed) param subtree with host arrays from ``load()`` (same structure), inside jit."""
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), meta.unbox(fresh))
-  values = jax.pure_callback(lambda: jax.tree.map(lambda s, v: np.asarray(v, s.dtype), shapes, load()), shapes)
-  is_box = lambda x: isinstance(x, meta.AxisMetadata)
-  return jax.tree.map(lambda box, v: box.replace_boxed(v) if is_box(box) else v, fresh, values, is_leaf=is_box)
 
 
 class StormVAETask:
@@ -189,11 +181,11 @@ class StormVAETask:
     params = dict(self.model.init(rng, sel["ctx_images"], sel["ctx_intrinsics"], sel["ctx_cams"], sel["ctx_times"],
                                   sel["view_mask"], method=StormVAE.init_forward)["params"])
     if self.init_from_vae:
-      params["vae"] = _host_tree_callback(params["vae"], self._load_vae_params)
+      params["vae"] = load_in_init(params["vae"], self._load_vae_params)
     if self.lpips_net == "vgg16":
       x = jnp.zeros((1, 32, 32, 3), jnp.float32)
       fresh = self.lpips.init(rng, x, x)["params"]
-      params["lpips"] = _host_tree_callback(fresh, self._load_lpips_params)
+      params["lpips"] = load_in_init(fresh, self._load_lpips_params)
     return params
 
   @functools.lru_cache(maxsize=1)
@@ -232,9 +224,7 @@ class StormVAETask:
 
   def trainable_mask(self, params):
     """LPIPS is a fixed perceptual metric: frozen. Everything else trains (the paper fine-tunes the whole VAE)."""
-    if "lpips" not in params:
-      return None
-    return {k: jax.tree.map(lambda _: k != "lpips", v) for k, v in params.items()}
+    return frozen_mask(params, ("lpips",)) if "lpips" in params else None
 
   # ---------------------------------------------------------------------------------------------------------------- #
   def flops_per_step(self, batch) -> float:

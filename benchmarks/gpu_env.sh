@@ -1,0 +1,20 @@
+# Sourced by the run_*_gpu.sh scripts: makes cvd_storm_jax (and the wheels the GPU image lacks, from .whl/) importable,
+# and defines find_anchor NAME, which prints the path of a peer's anchor script or nothing.
+# The package-dir mapping (kernels/ -> cvd_storm_jax.kernels) only exists once installed, hence the --target install.
+if ! python3 -c "import cvd_storm_jax.kernels, grain, ml_collections" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "cvd_storm_jax or its wheels are not importable and .whl/ is empty: run benchmarks/prepare_gpu.sh first" >&2
+    exit 2
+  fi
+  SITE=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" .
+  export PYTHONPATH=$SITE:${PYTHONPATH:-}
+fi
+
+find_anchor() {  # find_anchor FILE [ENV_OVERRIDE_PATH]
+  local cand
+  for cand in "${2:-}" ".anchors/$1" "shared/tools/anchors/$1" "../shared/tools/anchors/$1" "/work/shared/tools/anchors/$1"; do
+    if [ -n "$cand" ] && [ -f "$cand" ]; then echo "$cand"; return; fi
+  done
+}
