@@ -23,23 +23,23 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def default_rules() -> list[list]:
+def default_rules() -> tuple[tuple[str, Any], ...]:
   """Logical axis -> mesh axes, the configs' default (MaxText style). Params: FSDP over 'fsdp' on the model width,
   tensor parallelism over 'tensor' on the MLP / heads / vocab / conv-output dims. Activations: the batch over
-  ('data', 'fsdp'). A list of [name, axes] pairs so that a ConfigDict can hold (and a command line override) it."""
-  return [
-      ["batch", ["data", "fsdp"]],
-      ["embed", "fsdp"],
-      ["mlp", "tensor"],
-      ["heads", "tensor"],
-      ["vocab", "tensor"],
-      ["conv_out", "tensor"],
-      ["kv", None],
-      ["conv_in", None],
-      ["norm", None],
-      ["layers", None],
-      ["length", None],
-  ]
+  ('data', 'fsdp'). Tuples, so that a ConfigDict holds them and the command line can override them."""
+  return (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("conv_out", "tensor"),
+      ("kv", None),
+      ("conv_in", None),
+      ("norm", None),
+      ("layers", None),
+      ("length", None),
+  )
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:

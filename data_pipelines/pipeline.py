@@ -11,7 +11,9 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain dict; ``default_da
   buckets       list of (H, W, prob)  resolutions; each BATCH draws one bucket from (shuffle_seed, batch index)
                        with these probabilities (normalised), so all processes agree on the bucket of global batch k.
   batch_size    int    GLOBAL batch size; each of the process_count processes yields batch_size / process_count.
-  mix           list of (source_name, weight)  sources (see ``register_source``) and mixing weights.
+  mix           list of (source_name, weight[, root])  sources (see ``register_source``) and mixing weights; the
+                       optional third element is that source's root (default: ``root``), so that several converted
+                       datasets mix: [("arrayrecord", 3, "/shards/nuscenes"), ("arrayrecord", 1, "/shards/waymo")].
   num_workers   int    grain mp_prefetch worker processes (0 = in-process).
   prefetch      int    batches buffered per worker process (mp_prefetch) and by the read threads.
   read_threads  int    threads computing batches inside each process/worker (grain ReadOptions.num_threads);
@@ -49,7 +51,9 @@ API:
   make_dataset(config, *, seed, process_index=0, process_count=1) -> grain.IterDataset of batches
   make_iterator(config, *, seed, process_index=0, process_count=1) -> grain.DatasetIterator (get_state/set_state)
   bucket_for_batch(config, seed, batch_index) -> int      the bucket index of (global) batch ``batch_index``
-  default_data_config(kind) -> ConfigDict                  "tiny" or "paper"
+  default_data_config(kind) -> ConfigDict                  "tiny" or "paper" (tuples, so that the command line
+                                                           can override them: --config.data.mix="(('arrayrecord',
+                                                           3.0, '/shards/nusc'), ('arrayrecord', 1.0, '/shards/waymo'))")
 """
 from __future__ import annotations
 
@@ -91,9 +95,10 @@ def get_source_factory(name: str) -> SourceFactory:
   return _SOURCES[name]
 
 
-def _make_source(name: str, config: Mapping[str, Any], seed: int):
+def _make_source(name: str, config: Mapping[str, Any], seed: int, root: str | None = None):
   factory = get_source_factory(name)
-  return factory(config=config, seed=seed, path=config.get("root", ""), clip_frames=int(config["num_frames"]),
+  root = config.get("root", "") if root is None else root
+  return factory(config=config, seed=seed, path=root, clip_frames=int(config["num_frames"]),
                  frame_stride=int(config.get("frame_stride", 1)), num_views=int(config["num_views"]))
 
 
@@ -300,10 +305,13 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
     raise ValueError("data config 'mix' is empty")
   datasets, weights = [], []
   for k, entry in enumerate(mix):
-    name, weight = entry
-    source = _make_source(name, config, shuffle_seed)
+    if len(entry) not in (2, 3):
+      raise ValueError(f"data config mix entry {k} is {entry!r}; expected (source, weight) or (source, weight, root)")
+    name, weight = entry[0], entry[1]
+    root = str(entry[2]) if len(entry) == 3 else None
+    source = _make_source(name, config, shuffle_seed, root)
     if len(source) == 0:
-      raise ValueError(f"data source {name!r} is empty")
+      raise ValueError(f"data source {name!r} (root {root or config.get('root', '')!r}) is empty")
     # Global shuffle, re-shuffled every epoch (repeat passes the epoch through to the shuffle).
     ds = grain.MapDataset.source(source).shuffle(seed=(shuffle_seed * 1000003 + k) % 2**32).repeat()
     datasets.append(ds)
@@ -346,15 +354,15 @@ def default_data_config(kind: str) -> ml_collections.ConfigDict:
   if kind == "tiny":
     return ml_collections.ConfigDict(dict(
         name="synthetic_tiny", root="", num_clips=64, num_frames=4, frame_stride=1, num_views=6,
-        buckets=[(64, 112, 1.0)], batch_size=2, mix=[("synthetic", 1.0)], num_workers=0, prefetch=0, read_threads=0,
+        buckets=((64, 112, 1.0),), batch_size=2, mix=(("synthetic", 1.0),), num_workers=0, prefetch=0, read_threads=0,
         shuffle_seed=0, synthetic=dict(height=64, width=112, seed=0, max_boxes=16, max_lidar_points=2048),
         max_boxes=16, max_lidar_points=2048, max_map_polylines=12, max_map_points=48,
         line_width=8.0, map_range=65.0, text_embeddings=""))
   if kind == "paper":
     return ml_collections.ConfigDict(dict(
         name="paper", root="", num_clips=100_000, num_frames=19, frame_stride=1, num_views=6,
-        buckets=[(144, 256, 0.1), (176, 304, 0.3), (256, 448, 0.6)], batch_size=96,
-        mix=[("synthetic", 1.0)], num_workers=8, prefetch=2, read_threads=1, shuffle_seed=0,
+        buckets=((144, 256, 0.1), (176, 304, 0.3), (256, 448, 0.6)), batch_size=96,
+        mix=(("arrayrecord", 1.0),), num_workers=8, prefetch=2, read_threads=1, shuffle_seed=0,
         synthetic=dict(height=128, width=224, seed=0, max_boxes=32, max_lidar_points=8192),
         max_boxes=64, max_lidar_points=32768, max_map_polylines=64, max_map_points=64,
         line_width=8.0, map_range=65.0, text_embeddings=""))

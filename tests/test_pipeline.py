@@ -211,7 +211,8 @@ def test_arrayrecord_source_plugs_in(tmp_path):
   wf.write_segment(tmp_path / "src", "ctxA", 5)
   convert.convert("waymo", str(tmp_path / "src"), str(tmp_path / "out"), image_size=(16, 24), clip_frames=3,
                   reader_kwargs=dict(max_points=64, max_boxes=4), progress=False)
-  c = _config(mix=[("arrayrecord", 1.0), ("tagged_a", 1.0)], root=str(tmp_path / "out"), num_frames=3,
+  # The ArrayRecord source names its own root in the mix (the top-level root stays unused).
+  c = _config(mix=[("arrayrecord", 1.0, str(tmp_path / "out")), ("tagged_a", 1.0)], root="/nonexistent", num_frames=3,
               batch_size=2, max_boxes=None, max_lidar_points=None, max_map_polylines=None, max_map_points=None)
   pipeline.register_source("tagged_a", lambda **unused: TaggedSource("a", 50, [synthetic.generate_clip(
       0, 0, synthetic.SyntheticOptions(height=32, width=56, num_frames=3))]))
