@@ -4,6 +4,8 @@ Measures, for clips of T frames x 6 views at the target bucket H x W with every 
   conditions  resize (from the stored/render size) + box/map line images + LiDAR depth + camera params on clips
               already in memory: the per-clip work the pipeline adds to any source (real datasets included).
   pipeline    the whole grain pipeline with the synthetic source (render + the above + collate), num_workers=0.
+  arrayrecord the production path: clips converted to ArrayRecord shards at H x W (not timed), then the whole
+              pipeline reading them (record reads + JPEG decode of every view + the above + collate).
   ceiling     writing the output arrays of one clip (images/box/map uint8, depth float32): a memory-bandwidth
               upper bound for any implementation producing the same batch.
 Prints one JSON line with clips/s and the ratios to the brief's target (2 clips/s/core) and to the ceiling.
@@ -78,6 +80,22 @@ def main() -> None:
 
   t_pipe, c_pipe = (x / clips for x in _time(pipeline_pass, 1))
 
+  import tempfile
+  from cvd_storm_jax.data_pipelines import convert
+  with tempfile.TemporaryDirectory() as shards:
+    convert.convert("synthetic", "unused", shards, image_size=(H, W), clip_frames=T, progress=False,
+                    reader_kwargs=dict(num_clips=clips + 1, max_boxes=32, max_lidar_points=8192))
+    ar_config = pipeline.default_data_config("tiny")
+    ar_config.update(dict(num_frames=T, buckets=[(H, W, 1.0)], batch_size=1, num_workers=0, prefetch=0,
+                          max_boxes=32, max_lidar_points=8192, mix=[("arrayrecord", 1.0, shards)]))
+    ar_it = pipeline.make_iterator(ar_config, seed=0)
+
+    def arrayrecord_pass():
+      for _ in range(clips):
+        next(ar_it)
+
+    t_ar, c_ar = (x / clips for x in _time(arrayrecord_pass, 1))
+
   V = 6
 
   def ceiling_pass():
@@ -92,6 +110,9 @@ def main() -> None:
       # Per core = clips per CPU-second of this process; wall rates also count time lost to other jobs.
       "conditions_clips_per_core_s": round(1 / c_cond, 3),
       "pipeline_clips_per_core_s": round(1 / c_pipe, 3),
+      "arrayrecord_clips_per_core_s": round(1 / c_ar, 3),
+      "arrayrecord_clips_per_wall_s": round(1 / t_ar, 3),
+      "arrayrecord_ratio_to_target": round(1 / c_ar / TARGET_CLIPS_PER_S, 3),
       "ceiling_clips_per_core_s": round(1 / c_ceil, 3),
       "conditions_clips_per_wall_s": round(1 / t_cond, 3),
       "pipeline_clips_per_wall_s": round(1 / t_pipe, 3),

@@ -1,6 +1,6 @@
 """Converts a dataset into ArrayRecord shards for training: one record per timestamp, a clip index and per-scene maps.
 
-  python -m cvd_storm_jax.data_pipelines.convert --dataset {nuscenes,waymo,argoverse2,opendv} --root ROOT --out OUT \
+  python -m cvd_storm_jax.data_pipelines.convert --dataset {nuscenes,waymo,argoverse2,opendv,synthetic} --root ROOT --out OUT \
       [--workers N] [--image-size 256x448] [--clip-frames 19] [--clip-stride FRAMES] [--reader-arg key=json ...]
 
 Output (everything under OUT):
@@ -84,7 +84,14 @@ def _make_argoverse2(root, clip_frames, image_size, **kw):
   return Argoverse2Reader(root, num_frames=clip_frames, image_size=image_size, **kw)
 
 
+def _make_synthetic(root, clip_frames, image_size, **kw):
+  del root  # generated, not read
+  from .synthetic import SyntheticClipReader
+  return SyntheticClipReader(num_frames=clip_frames, image_size=image_size, **kw)
+
+
 READERS: dict[str, Callable[..., Any]] = {
+    "synthetic": _make_synthetic,
     "nuscenes": _make_nuscenes, "waymo": _make_waymo, "argoverse2": _make_argoverse2, "opendv": _make_opendv,
 }
 

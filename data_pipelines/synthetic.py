@@ -481,8 +481,13 @@ def generate_clip(seed: int, index: int, options: SyntheticOptions = SyntheticOp
       "sky_mask": sky,
       "original_size": np.tile(np.array([_ORIGINAL_WH], np.int32), (V, 1)),
       "dataset": "synthetic",
-      "clip_id": f"synthetic-{int(seed)}-{int(index)}",
+      "clip_id": generate_clip_id(seed, index),
   }
+
+
+def generate_clip_id(seed: int, index: int) -> str:
+  """The clip_id of ``generate_clip(seed, index, ...)``."""
+  return f"synthetic-{int(seed)}-{int(index)}"
 
 
 class SyntheticSource:
@@ -506,3 +511,28 @@ class SyntheticSource:
 
   def __repr__(self) -> str:  # grain keys checkpoint state by the source's repr: keep it stable and explicit
     return f"SyntheticSource(num_clips={self.num_clips}, seed={self.seed}, options={self.options})"
+
+
+class SyntheticClipReader:
+  """The generator behind the converter's reader interface (``readers.ClipReader``): ``python -m
+  cvd_storm_jax.data_pipelines.convert --dataset synthetic --root <unused> --out DIR`` writes ArrayRecord shards of
+  ``num_clips`` clips, so that the production path (shards -> ArrayRecord source -> pipeline) runs without a dataset.
+  Clips are rendered at ``image_size`` (H, W) with ``num_frames`` frames."""
+
+  dataset = "synthetic"
+
+  def __init__(self, *, num_clips: int = 16, seed: int = 0, num_frames: int = 19,
+               image_size: tuple[int, int] | None = None, **options):
+    if image_size is not None:
+      options.update(height=int(image_size[0]), width=int(image_size[1]))
+    self.source = SyntheticSource(num_clips, seed, options_from_config(options, num_frames=num_frames))
+
+  def list_clips(self) -> list[str]:
+    return [generate_clip_id(self.source.seed, i) for i in range(len(self.source))]
+
+  def read_clip(self, clip_id: str) -> dict[str, Any]:
+    try:
+      index = int(clip_id.rsplit("-", 1)[1])
+    except (IndexError, ValueError) as e:
+      raise KeyError(f"not a synthetic clip id: {clip_id!r}") from e
+    return self.source[index]
