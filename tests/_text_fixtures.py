@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
-
-# The venv's PyPI torchvision does not load beside the CPU torch ("operator torchvision::nms does not exist"), and
-# transformers' modeling code imports it whenever it looks installed. Marking it absent makes transformers skip it;
-# nothing here needs torchvision.
-if "torchvision" not in sys.modules:
-  sys.modules["torchvision"] = None
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!'")
 MERGES = ["t h", "th e</w>", "a r</w>", "c ar</w>", "r o", "ro a", "roa d</w>", "i n", "in g</w>", "o n</w>"]

@@ -3,13 +3,7 @@ importer's error reporting, the chunked/latent-normalisation paths, and a short 
 import json
 import os
 import shutil
-import sys
 import time
-
-# The venv's PyPI torchvision does not load beside the CPU torch; marking it absent keeps transformers (imported by
-# diffusers) from trying. Nothing here needs torchvision.
-if "torchvision" not in sys.modules:
-  sys.modules["torchvision"] = None
 
 import jax
 import jax.numpy as jnp
