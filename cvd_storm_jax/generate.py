@@ -1,0 +1,276 @@
+r"""Samples multi-view driving video from a trained CVD-STORM DiT (cvd_storm_official.md §1.8).
+
+  python -m cvd_storm_jax.generate --config=configs/dit.py:tiny --checkpoint=/tmp/cvd_tiny --out=/tmp/cvd_tiny/gen \
+      [--num_steps=40 --guidance=4 --num_frames=N --window=19 --reference_frames=3 --ground_truth_reference \
+       --seed=0 --storm_vae_config=configs/storm_vae.py:tiny --storm_vae_params=/ckpt/storm_vae_params]
+
+Conditions (captions, box/map layouts, cameras) come from one batch of the config's data pipeline; params from a
+trainer workdir, its checkpoints/ folder or a params file (``eval_storm.load_checkpoint_params``). Sampling: Euler over
+FlowMatchEulerDiscreteScheduler's shift-3 grid, classifier-free guidance on a doubled batch whose unconditional half
+has the empty prompt and grey (32/255) layouts with the same cameras and references; clips longer than ``window``
+frames are generated autoregressively, carrying ``reference_frames`` latents between windows.
+
+Writes to --out: ``latents.npy`` [B, T, V, h, w, C]; per sample and view ``sample{b}_view{v}.mp4``; a mosaic of all
+view slots ``sample{b}_mosaic.mp4`` (2 rows); with --storm_vae_params, per sample ``sample{b}_depth.mp4`` (depth
+renders of the STORM-VAE GS decoder into the clip's own cameras, views side by side) and ``sample{b}.ply`` (its
+Gaussians at the first context time). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
+(or --vae_from); "pixel_unshuffle" -> the fixed projection's transpose then pixel shuffle, which is the exact
+least-squares inverse because the projection has orthonormal columns (the 192 - C directions it drops are lost);
+"precomputed" needs --vae_from (a diffusers VAE folder or params file), otherwise only latents.npy is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from cvd_storm_jax.eval_storm import depth_to_rgb, export_ply, load_checkpoint_params, write_mp4
+
+log = logging.getLogger("cvd_storm_jax.generate")
+
+# Device-batch keys with a frame axis (axis 1): sliced per autoregressive window.
+_TIME_KEYS = ("images", "latents", "box_images", "map_images", "camera_params", "caption_ids", "text_tokens",
+              "pooled_text")
+
+
+def slice_frames(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+  """Frames [start, stop) of every per-frame condition; per-clip keys (view mask, adjacency) unchanged."""
+  return {k: (v[:, start:stop] if k in _TIME_KEYS else v) for k, v in batch.items()}
+
+
+def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
+  """Inverse of ``embeddings.pixel_unshuffle``: [N, h, w, C*r*r] (index c*r*r + dy*r + dx) -> [N, h*r, w*r, C]."""
+  n, h, w, crr = x.shape
+  c = crr // (r * r)
+  x = x.reshape(n, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(n, h * r, w * r, c)
+
+
+def decode_latents(task: Any, latents: np.ndarray, vae_from: str = "", chunk: int = 12) -> Optional[np.ndarray]:
+  """Model latents [B, T, V, h, w, C] -> uint8 RGB [B, T, V, H, W, 3], or None when no decoder is available."""
+  import jax.numpy as jnp
+  from cvd_storm_jax.tasks.dit import LATENT_DOWNSAMPLE
+  lead, flat = latents.shape[:3], np.asarray(latents, np.float32).reshape((-1,) + latents.shape[3:])
+  kind = task.config.latents.kind
+  if kind == "pixel_unshuffle":
+    # projection: [192, C] with orthonormal columns, so projection.T is its least-squares (pseudo-)inverse.
+    x = pixel_shuffle(flat @ task.projection.T, LATENT_DOWNSAMPLE)
+  else:
+    vae_from = vae_from or str(task.config.latents.get("vae_from", "") or "")
+    if not vae_from:
+      log.warning("latents.kind=%s without a VAE to decode with (--vae_from / latents.vae_from): writing latents only",
+                  kind)
+      return None
+    vae, vae_params = _load_vae(task, vae_from)
+    x = np.asarray(vae.decode_from_diffusion(vae_params, jnp.asarray(flat), chunk=chunk))
+  rgb = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  return rgb.reshape(lead + rgb.shape[1:])
+
+
+def _load_vae(task: Any, vae_from: str):
+  """(AutoencoderKL module, full params incl. the decoder) from a params file (STORM-VAE export: its "vae" subtree)
+  or a diffusers folder. The DiT checkpoint holds only the frozen encoder, so the decoder must come from here."""
+  from cvd_storm_jax import checkpoint as ckpt_lib
+  from cvd_storm_jax.models import vae as vae_lib
+  from cvd_storm_jax.pretrained import vae as vae_import
+  if os.path.exists(os.path.join(vae_from, "_CHECKPOINT_METADATA")):
+    tree = ckpt_lib.load_params(vae_from)
+    tree = tree.get("vae", tree)
+    vae = getattr(task, "vae", None)
+    if vae is None:
+      raise ValueError(f"--vae_from={vae_from!r} is a params file, which carries no architecture; use a diffusers VAE "
+                       "folder, or latents.kind='vae' whose latents.vae config describes it")
+  else:
+    config, tree = vae_import.load_vae(vae_from)
+    vae = vae_lib.AutoencoderKL(config)
+  if "decoder" not in tree:
+    raise ValueError(f"the VAE params of {vae_from!r} have no decoder (keys {sorted(tree)})")
+  return vae, tree
+
+
+def mosaic(frames: np.ndarray, rows: int = 2) -> np.ndarray:
+  """[T, V, H, W, 3] -> [T, rows*H, ceil(V/rows)*W, 3] (views row-major; empty cells black)."""
+  t, v, h, w, c = frames.shape
+  cols = -(-v // rows)
+  pad = np.zeros((t, rows * cols - v, h, w, c), frames.dtype)
+  grid = np.concatenate([frames, pad], axis=1).reshape(t, rows, cols, h, w, c)
+  return grid.transpose(0, 1, 3, 2, 4, 5).reshape(t, rows * h, cols * w, c)
+
+
+def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40, guidance: float = 4.0,
+             num_frames: int = 0, window: int = 0, reference_frames: int = 3, ground_truth_reference: bool = False,
+             seed: int = 0, vae_from: str = "", storm_vae_config: Any = None, storm_vae_params: str = "",
+             params: Any = None) -> dict[str, Any]:
+  """Generates one batch of clips and writes the outputs listed in the module docstring. Returns a summary dict."""
+  import jax
+  import jax.numpy as jnp
+
+  from cvd_storm_jax import tasks
+  from cvd_storm_jax.data_pipelines import pipeline
+  from cvd_storm_jax.diffusion import sampler
+
+  if config.task != "dit":
+    raise ValueError(f"generate needs a DiT config (config.task='dit'), got {config.task!r}")
+  task = tasks.get_task(config)
+  host = next(pipeline.make_iterator(config.data, seed=config.seed))
+  batch = task.device_batch(host)
+  if params is None:
+    params = load_checkpoint_params(checkpoint)
+  B, T, V, h, w, C = task._latent_shape(batch)
+  num_frames = num_frames or T
+  if num_frames > T:
+    raise ValueError(f"--num_frames={num_frames} but the data pipeline's clips have {T} frames: raise "
+                     f"--config.data.num_frames (conditions for every generated frame come from the data)")
+  window = window or min(19, num_frames)
+  # One window generated from scratch carries nothing, so any --reference_frames is fine there.
+  k = reference_frames if (num_frames > window or ground_truth_reference) else 0
+  starts = sampler.window_starts(num_frames, window=window, num_reference=k)  # validates the length early
+  batch = {key: jnp.asarray(v) for key, v in slice_frames(batch, 0, num_frames).items()}
+
+  @jax.jit
+  def run_window(params, wbatch, noise, reference):
+    doubled = {key: jnp.concatenate([v, v]) for key, v in wbatch.items()}
+
+    def velocity_fn(x, timesteps, uncond):
+      cond = doubled if x.shape[0] == 2 * B else wbatch
+      false = jnp.zeros((x.shape[0],), bool)
+      # The unconditional branch is DiTTask's condition drop: empty text, grey layouts, same cameras/references.
+      return task.forward(params, cond, x, timesteps, uncond, uncond, uncond, false, false)
+
+    return sampler.sample(velocity_fn, noise, num_steps=num_steps, shift=float(config.diffusion.shift),
+                          guidance=float(guidance), reference=reference)
+
+  rng_noise, rng_ref = jax.random.split(jax.random.key(seed))
+  noise = jax.random.normal(rng_noise, (B, num_frames, V, h, w, C), jnp.float32)
+  first_ref = None
+  if ground_truth_reference:
+    if k == 0:
+      raise ValueError("--ground_truth_reference needs --reference_frames > 0")
+    # The clip's own first k frames, encoded as in training (OpenDWM: generate_frames_for_reference = false).
+    first_ref = task._latents(params, slice_frames(batch, 0, k), rng_ref)
+
+  def sample_window(start, noise_w, ref):
+    log.info("window at frame %d (%d frames, %s references)", start, window, 0 if ref is None else ref.shape[1])
+    return run_window(params, slice_frames(batch, start, start + window), noise_w, ref)
+
+  latents = np.asarray(sampler.autoregressive(sample_window, noise, window=window, num_reference=k,
+                                              reference=first_ref))
+  os.makedirs(out_dir, exist_ok=True)
+  np.save(os.path.join(out_dir, "latents.npy"), latents)
+  fps = float(np.asarray(host["fps"]).reshape(-1)[0]) if "fps" in host else 5.0
+  written = ["latents.npy"]
+  rgb = decode_latents(task, latents, vae_from)
+  view_mask = np.asarray(batch["view_mask"], bool)
+  if rgb is not None:
+    for b in range(B):
+      for v in range(V):
+        if view_mask[b, v]:
+          name = f"sample{b}_view{v}.mp4"
+          write_mp4(os.path.join(out_dir, name), rgb[b, :, v], fps)
+          written.append(name)
+      masked = np.where(view_mask[b][None, :, None, None, None], rgb[b], 0).astype(np.uint8)
+      write_mp4(os.path.join(out_dir, f"sample{b}_mosaic.mp4"), mosaic(masked), fps)
+      written.append(f"sample{b}_mosaic.mp4")
+  if storm_vae_params:
+    written += _storm_outputs(storm_vae_config, storm_vae_params, host, latents, out_dir, fps, num_frames)
+  summary = dict(checkpoint=str(checkpoint), num_steps=num_steps, guidance=guidance, num_frames=num_frames,
+                 window=window, window_starts=starts, reference_frames=k,
+                 ground_truth_reference=ground_truth_reference, seed=seed, latent_shape=list(latents.shape),
+                 files=written)
+  with open(os.path.join(out_dir, "generate.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any], latents: np.ndarray, out_dir: str,
+                   fps: float, num_frames: int) -> list[str]:
+  """Decodes the generated latents with the STORM-VAE GS decoder: Gaussians from its context frames, depth renders
+  at every generated frame in the clip's cameras, and a .ply per sample."""
+  import jax
+  import jax.numpy as jnp
+
+  from cvd_storm_jax import checkpoint as ckpt_lib
+  from cvd_storm_jax import tasks
+  from cvd_storm_jax.models.gs_decoder import flatten, gaussians_at
+  from cvd_storm_jax.models.storm_vae import StormVAE
+
+  if storm_config is None or storm_config.task != "storm_vae":
+    raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
+  stask = tasks.get_task(storm_config)
+  ctx = tuple(stask.context_frames)
+  if max(ctx) >= num_frames:
+    raise ValueError(f"the STORM-VAE context frames {ctx} need more than {num_frames} generated frames")
+  if latents.shape[-1] != stask.vae_config.latent_channels:
+    raise ValueError(f"the DiT latents have {latents.shape[-1]} channels, the STORM-VAE {stask.vae_config.latent_channels}")
+  tree = ckpt_lib.load_params(params_path)
+  sparams = {"vae": tree["vae"], "gs": tree["gs"]}
+  sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in ("images", "intrinsics", "cam_to_ego",
+                                                                         "ego_to_world", "timestamps", "depth",
+                                                                         "sky_mask") else v)
+                           for k, v in host.items()})
+  sel = stask.select({k: jnp.asarray(v) for k, v in sb.items()}, None, target_frames=tuple(range(num_frames)))
+  height, width = sb["images"].shape[3:5]
+
+  @jax.jit
+  def decode(sparams, lat, sel):
+    g = stask.model.apply({"params": sparams}, lat, sel["ctx_intrinsics"], sel["ctx_cams"], sel["ctx_times"],
+                          sel["view_mask"], method=StormVAE.gaussians)
+    r = stask.model.apply({"params": sparams}, g, sel["tgt_cams"], sel["tgt_intrinsics"], sel["tgt_times"],
+                          height, width, method=StormVAE.render)
+    return g, r["depth"]
+
+  gaussians, depth = decode(sparams, jnp.asarray(latents[:, np.asarray(ctx)]), sel)
+  depth = np.asarray(depth)
+  flat = flatten(gaussians)
+  written = []
+  for b in range(latents.shape[0]):
+    views = [v for v in range(depth.shape[2]) if sb["view_mask"][b, v]]
+    frames = np.stack([np.concatenate([depth_to_rgb(depth[b, t, v], float(stask.gs_config.far)) for v in views], 1)
+                       for t in range(num_frames)])
+    write_mp4(os.path.join(out_dir, f"sample{b}_depth.mp4"), frames, fps)
+    one = gaussians_at({k: x[b] for k, x in flat.items()}, jnp.float32(0.0))
+    export_ply({k: np.asarray(x) for k, x in one.items()}, os.path.join(out_dir, f"sample{b}.ply"))
+    written += [f"sample{b}_depth.mp4", f"sample{b}.ply"]
+  return written
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  f = flags.FLAGS
+  summary = generate(f.config, f.checkpoint, f.out, num_steps=f.num_steps, guidance=f.guidance,
+                     num_frames=f.num_frames, window=f.window, reference_frames=f.reference_frames,
+                     ground_truth_reference=f.ground_truth_reference, seed=f.seed, vae_from=f.vae_from,
+                     storm_vae_config=f.storm_vae_config, storm_vae_params=f.storm_vae_params)
+  print(json.dumps(summary), flush=True)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "A DiT config, e.g. configs/dit.py:tiny.", lock_config=True)
+  config_flags.DEFINE_config_file("storm_vae_config", None, "The STORM-VAE config of --storm_vae_params.",
+                                  lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Trainer workdir, its checkpoints/ folder, or a params file.")
+  flags.DEFINE_string("out", None, "Output folder.")
+  flags.DEFINE_integer("num_steps", 40, "Euler steps (OpenDWM C35: 40; paper: 50).")
+  flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale g (1 = no guidance).")
+  flags.DEFINE_integer("num_frames", 0, "Frames to generate (0 = the data's clip length).")
+  flags.DEFINE_integer("window", 0, "Frames per window (0 = min(19, num_frames)).")
+  flags.DEFINE_integer("reference_frames", 3, "Latent frames carried between windows.")
+  flags.DEFINE_bool("ground_truth_reference", False, "First window predicts from the clip's first frames.")
+  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_string("vae_from", "", "VAE to decode with (default: latents.vae_from).")
+  flags.DEFINE_string("storm_vae_params", "", "A STORM-VAE params file (export_params): Gaussians + depth renders.")
+  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
