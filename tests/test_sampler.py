@@ -174,6 +174,29 @@ def _tiny_dit_config():
   return c
 
 
+def _random_storm_vae(dit_config, path):
+  """A random-init tiny STORM-VAE params file (the DiT's latent size: 16 channels, 4x8 latents) and its config."""
+  import sys
+  from cvd_storm_jax import checkpoint as ckpt_lib
+  from cvd_storm_jax import tasks
+  from cvd_storm_jax.data_pipelines import pipeline
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(repo, "configs"))
+  try:
+    import storm_vae
+  finally:
+    sys.path.pop(0)
+  s = storm_vae.get_config("tiny")
+  s.storm.context_frames, s.storm.num_targets, s.storm.target_frames = (0, 1), 1, (1,)
+  s.model.gs.pos_grid = (4, 8)
+  s.data = dit_config.data
+  task = tasks.get_task(s)
+  batch = task.device_batch(next(pipeline.make_iterator(s.data, seed=0)))
+  params = jax.jit(task.init)(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()})
+  ckpt_lib.save_params(path, params)
+  return s, path
+
+
 def test_generate_end_to_end(tmp_path):
   av = pytest.importorskip("av")
   from cvd_storm_jax import generate as gen
@@ -183,8 +206,10 @@ def test_generate_end_to_end(tmp_path):
   c = _tiny_dit_config()
   workdir, out = str(tmp_path / "wd"), str(tmp_path / "gen")
   train(c, workdir)
+  storm_cfg, storm_params = _random_storm_vae(c, str(tmp_path / "storm_params"))
   summary = gen.generate(c, workdir, out, num_steps=2, guidance=4.0, reference_frames=1,
-                         ground_truth_reference=True, seed=0)
+                         ground_truth_reference=True, seed=0, storm_vae_config=storm_cfg,
+                         storm_vae_params=storm_params)
   assert summary["window_starts"] == [0]
   latents = np.load(os.path.join(out, "latents.npy"))
   assert latents.shape == (1, 2, 6, 4, 8, 16) and np.isfinite(latents).all()
@@ -202,12 +227,20 @@ def test_generate_end_to_end(tmp_path):
   err = np.abs(again - gt)
   assert np.median(err) < 0.02
   views = [f for f in summary["files"] if f.endswith(".mp4")]
-  assert "sample0_mosaic.mp4" in views and len(views) == 1 + int(batch["view_mask"].sum())
+  assert "sample0_mosaic.mp4" in views and len(views) == 2 + int(batch["view_mask"].sum())  # views, mosaic, depth
   for name in ("sample0_view0.mp4", "sample0_mosaic.mp4"):
     with av.open(os.path.join(out, name)) as container:
       frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 2
   assert frames[0].shape == (64, 3 * 64, 3)  # mosaic: 2 rows x 3 views of 32x64
+  # STORM-VAE outputs: a depth video over the generated frames and the Gaussians as a readable .ply.
+  with av.open(os.path.join(out, "sample0_depth.mp4")) as container:
+    assert len([f for f in container.decode(video=0)]) == 2
+  from cvd_storm_jax.eval_storm import read_ply
+  ply = read_ply(os.path.join(out, "sample0.ply"))
+  assert len(ply["means"]) > 0 and np.isfinite(ply["means"]).all()
+  with pytest.raises(ValueError, match="storm_vae_config"):
+    gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, storm_vae_params=storm_params)
   with pytest.raises(ValueError, match="num_frames=3 but the data"):
     gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, num_frames=3)
   with pytest.raises(ValueError, match="num_reference=2"):
