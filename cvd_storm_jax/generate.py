@@ -117,8 +117,6 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   task = tasks.get_task(config)
   host = next(pipeline.make_iterator(config.data, seed=config.seed))
   batch = task.device_batch(host)
-  if params is None:
-    params = load_checkpoint_params(checkpoint)
   B, T, V, h, w, C = task._latent_shape(batch)
   num_frames = num_frames or T
   if num_frames > T:
@@ -128,7 +126,11 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   # One window generated from scratch carries nothing, so any --reference_frames is fine there.
   k = reference_frames if (num_frames > window or ground_truth_reference) else 0
   starts = sampler.window_starts(num_frames, window=window, num_reference=k)  # validates the length early
+  if storm_vae_params:
+    _storm_task(storm_vae_config, num_frames, C)  # fail before sampling, not after
   batch = {key: jnp.asarray(v) for key, v in slice_frames(batch, 0, num_frames).items()}
+  if params is None:
+    params = load_checkpoint_params(checkpoint)
 
   @jax.jit
   def run_window(params, wbatch, noise, reference):
@@ -185,6 +187,21 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   return summary
 
 
+def _storm_task(storm_config: Any, num_frames: int, latent_channels: int) -> Any:
+  """The STORM-VAE task of --storm_vae_config, checked against the clip to generate (before any sampling)."""
+  from cvd_storm_jax import tasks
+  if storm_config is None or storm_config.get("task") != "storm_vae":
+    raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
+  stask = tasks.get_task(storm_config)
+  if max(stask.context_frames) >= num_frames:
+    raise ValueError(f"the STORM-VAE context frames {stask.context_frames} need more than {num_frames} generated "
+                     "frames")
+  if latent_channels != stask.vae_config.latent_channels:
+    raise ValueError(f"the DiT latents have {latent_channels} channels, the STORM-VAE "
+                     f"{stask.vae_config.latent_channels}")
+  return stask
+
+
 def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any], latents: np.ndarray, out_dir: str,
                    fps: float, num_frames: int) -> list[str]:
   """Decodes the generated latents with the STORM-VAE GS decoder: Gaussians from its context frames, depth renders
@@ -193,18 +210,11 @@ def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any],
   import jax.numpy as jnp
 
   from cvd_storm_jax import checkpoint as ckpt_lib
-  from cvd_storm_jax import tasks
   from cvd_storm_jax.models.gs_decoder import flatten, gaussians_at
   from cvd_storm_jax.models.storm_vae import StormVAE
 
-  if storm_config is None or storm_config.task != "storm_vae":
-    raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
-  stask = tasks.get_task(storm_config)
+  stask = _storm_task(storm_config, num_frames, latents.shape[-1])
   ctx = tuple(stask.context_frames)
-  if max(ctx) >= num_frames:
-    raise ValueError(f"the STORM-VAE context frames {ctx} need more than {num_frames} generated frames")
-  if latents.shape[-1] != stask.vae_config.latent_channels:
-    raise ValueError(f"the DiT latents have {latents.shape[-1]} channels, the STORM-VAE {stask.vae_config.latent_channels}")
   tree = ckpt_lib.load_params(params_path)
   sparams = {"vae": tree["vae"], "gs": tree["gs"]}
   sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in ("images", "intrinsics", "cam_to_ego",
