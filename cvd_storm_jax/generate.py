@@ -216,7 +216,9 @@ def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any],
   stask = _storm_task(storm_config, num_frames, latents.shape[-1])
   ctx = tuple(stask.context_frames)
   tree = ckpt_lib.load_params(params_path)
-  sparams = {"vae": tree["vae"], "gs": tree["gs"]}
+  if "gs" not in tree:
+    raise ValueError(f"{params_path!r} holds no GS decoder params (keys {sorted(tree)}); expected a STORM-VAE export")
+  sparams = {"gs": tree["gs"]}  # only the GS decoder runs: the latents are already the model's
   sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in ("images", "intrinsics", "cam_to_ego",
                                                                          "ego_to_world", "timestamps", "depth",
                                                                          "sky_mask") else v)
