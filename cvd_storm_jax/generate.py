@@ -151,8 +151,16 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   if ground_truth_reference:
     if k == 0:
       raise ValueError("--ground_truth_reference needs --reference_frames > 0")
-    # The clip's own first k frames, encoded as in training (OpenDWM: generate_frames_for_reference = false).
-    first_ref = task._latents(params, slice_frames(batch, 0, k), rng_ref)
+    # The clip's own first k frames (OpenDWM: generate_frames_for_reference = false), encoded with the posterior
+    # mode as OpenDWM's pipeline does (latent_dist.mode()), not the training-time posterior sample.
+    first = slice_frames(batch, 0, k)
+    if config.latents.kind == "vae":
+      images = first["images"].astype(jnp.float32) / 127.5 - 1.0
+      mean, _ = task.vae.encode_chunked(params["vae"], images.reshape((-1,) + images.shape[3:]),
+                                        int(config.latents.get("chunk", 12)))
+      first_ref = task.vae.to_model_latents(mean).reshape(images.shape[:3] + mean.shape[1:])
+    else:
+      first_ref = task._latents(params, first, rng_ref)
 
   def sample_window(start, noise_w, ref):
     log.info("window at frame %d (%d frames, %s references)", start, window, 0 if ref is None else ref.shape[1])
