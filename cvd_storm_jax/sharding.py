@@ -120,6 +120,27 @@ def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, A
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(unboxed), shardings)
 
 
+def like_params(abstract_state: Any, abstract_params: Any, param_shardings: Any, default: NamedSharding) -> Any:
+  """Shardings for a pytree that holds copies of the params somewhere inside (optimizer moments): a leaf whose path
+  ends with a param's path and has that param's shape gets the param's sharding; everything else (counts, scalars)
+  gets ``default``. Works for any optimizer structure (chains, masked and multi_transform states), where
+  ``optax.tree_map_params`` trips over masked placeholders."""
+  by_path = {}
+  for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                                 jax.tree.leaves(param_shardings)):
+    by_path[jax.tree_util.keystr(path)] = (tuple(leaf.shape), shard)
+  suffixes = sorted(by_path, key=len, reverse=True)
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for suffix in suffixes:
+      if key.endswith(suffix) and by_path[suffix][0] == tuple(leaf.shape):
+        return by_path[suffix][1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis split over the data-parallel axes; the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -126,11 +126,10 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
 
   trainable = task.trainable_mask(abstract_params)
   tx, lr_schedule = _optimizer(config.optimizer, config.total_steps, trainable)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # Optimizer moments follow their params' shardings; scalars (counts) are replicated.
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: sharding.replicated(mesh))
+  # Optimizer moments follow their params' shardings; counts and scalars are replicated.
   repl = sharding.replicated(mesh)
+  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_shardings,
+                                       repl)
   state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
                      "nonfinite_total": repl, "nonfinite_run": repl}
 

@@ -183,3 +183,40 @@ def test_nonfinite_step_never_reaches_params(tmp_path):
   state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   m.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_optimizer_state_shardings_follow_params_through_masks():
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  params = {"a": jax.ShapeDtypeStruct((64, 128), jnp.float32), "b": {"c": jax.ShapeDtypeStruct((8,), jnp.float32)},
+            "frozen": jax.ShapeDtypeStruct((16, 16), jnp.float32)}
+  shard = {"a": NamedSharding(mesh, P("fsdp", "tensor")), "b": {"c": NamedSharding(mesh, P())},
+           "frozen": NamedSharding(mesh, P("fsdp"))}
+  labels = {"a": "train", "b": {"c": "train"}, "frozen": "freeze"}
+  tx = optax.multi_transform({"train": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+                              "freeze": optax.set_to_zero()}, labels)
+  out = sharding.like_params(jax.eval_shape(tx.init, params), params, shard, sharding.replicated(mesh))
+  specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(out)}
+  assert sum(1 for k, s in specs.items() if k.endswith(".mu['a']") and s == P("fsdp", "tensor")) == 1
+  assert sum(1 for k, s in specs.items() if k.endswith(".nu['a']") and s == P("fsdp", "tensor")) == 1
+  assert all(s == P() for k, s in specs.items() if k.endswith(".count"))
+
+
+def test_frozen_vae_encoder_stays_fixed_in_training(tmp_path):
+  """latents.kind=vae: the trainer's multi_transform leaves the VAE encoder exactly as initialised."""
+  from cvd_storm_jax import train as train_mod
+  config = tiny_config(batch_size=1, num_frames=2, buckets=[(32, 64, 1.0)])
+  config.num_devices = 1
+  config.total_steps, config.log_every, config.checkpoint.every_steps = 2, 1, 1
+  config.latents.kind = "vae"
+  config.latents.vae = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+  train_mod.train(config, str(tmp_path))
+  m = ckpt_lib.make_manager(os.path.join(str(tmp_path), "checkpoints"), max_to_keep=3, async_save=False)
+  first, last = (m.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+                 for s in (1, 2))
+  m.close()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(first["vae"]), jax.tree.leaves(last["vae"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(first["dit"]), jax.tree.leaves(last["dit"])))
