@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +19,7 @@ import optax
 from flax.core import meta
 
 from cvd_storm_jax.models import cvd_dit, mmdit
-
-
-def timed(fn, *args, repeats: int) -> float:
-  """Median seconds of fn(*args) after a warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 2]
+from timing import timed  # benchmarks/timing.py
 
 
 def matmul_tflops(n: int, repeats: int) -> float:

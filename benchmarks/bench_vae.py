@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +28,7 @@ from flax.core import meta
 from cvd_storm_jax import losses
 from cvd_storm_jax.models.lpips import LPIPS
 from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, param_count, sample
-
-
-def timed(fn, *args, repeats: int) -> float:
-  """Median seconds of fn(*args) after two warm-up calls (compile + one steady run)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 2]
+from timing import timed  # benchmarks/timing.py
 
 
 def _guard(fn):
