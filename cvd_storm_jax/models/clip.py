@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cvd_storm_jax.models.attention import dot_product_attention
+from cvd_storm_jax.models.embeddings import dense
 
 Dtype = Any
 
@@ -77,9 +78,9 @@ class CLIPTextConfig:
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, name: str,
            use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
+  """The shared logically-named Dense with CLIP's N(0, 0.02) kernel init."""
+  return dense(features, names, name=name, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+               kernel_init=nn.initializers.normal(0.02))
 
 
 def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:

@@ -27,6 +27,7 @@ import numpy as np
 
 from cvd_storm_jax.models.attention import dot_product_attention
 from cvd_storm_jax.models.clip import activation
+from cvd_storm_jax.models.embeddings import dense
 from cvd_storm_jax.models.mmdit import RMSNorm
 
 Dtype = Any
@@ -90,8 +91,9 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, name: str,
            std: float = 0.05) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names))
+  """The shared logically-named Dense, bias-free as in T5."""
+  return dense(features, names, name=name, dtype=dtype, param_dtype=param_dtype, use_bias=False,
+               kernel_init=nn.initializers.normal(std))
 
 
 class T5Attention(nn.Module):
