@@ -106,6 +106,29 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   return step, restored["state"]
 
 
+def restore_params(path: str, step: int | None = None) -> tuple[int | None, Any]:
+  """(step, params) from a trainer workdir, its ``checkpoints/`` folder (``step`` or the latest), or a params file
+  written by ``save_params`` (step None). Host numpy arrays; no mesh needed."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint or params file at {path!r}")
+  if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and not any(
+      name.isdigit() for name in os.listdir(path)):
+    return None, load_params(path)  # a params file
+  manager = make_manager(path, max_to_keep=1_000_000, async_save=False)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {path!r}")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
+  log.info("loaded params of step %d from %s", step, path)
+  return step, state["params"]
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with shardings: the restore target for ``restore_latest``."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -208,20 +208,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: float = 5.0) -> None:
 def load_checkpoint_params(path: str) -> Any:
   """Params from a ``checkpoint.save_params`` folder, a trainer workdir, or its checkpoints/ folder (latest step)."""
   from cvd_storm_jax import checkpoint as ckpt_lib
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  import orbax.checkpoint as ocp
-  try:
-    manager = ocp.CheckpointManager(path, item_names=("state", "data"))
-    step = manager.latest_step()
-  except Exception:  # not a manager folder: a params file
-    step = None
-  if step is None:
-    return ckpt_lib.load_params(path)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  log.info("loaded params of step %d from %s", step, path)
-  return state["params"]
+  return ckpt_lib.restore_params(path)[1]
 
 
 @functools.lru_cache(maxsize=8)

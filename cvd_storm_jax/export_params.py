@@ -9,21 +9,13 @@ any such file too.
 from __future__ import annotations
 
 import argparse
-import os
-
-import orbax.checkpoint as ocp
 
 from cvd_storm_jax import checkpoint as ckpt_lib
 
 
 def export(workdir: str, out: str, step: int | None = None) -> int:
-  manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
-  ckpt_lib.save_params(out, state["params"])
+  step, params = ckpt_lib.restore_params(workdir, step)
+  ckpt_lib.save_params(out, params)
   return step
 
 
