@@ -9,3 +9,5 @@ bash ../shared/tools/device-wheels.sh gsplat==1.5.3 diffusers==0.42.1 importlib-
 grep -qx '/.anchors/' .git/info/exclude 2>/dev/null || echo '/.anchors/' >> .git/info/exclude
 mkdir -p .anchors && cp ../shared/tools/anchors/*.py .anchors/
 ls .anchors
+python -c "import triton" 2>/dev/null || pip install -q triton==3.5.0
+python benchmarks/check_gpu_lowering.py

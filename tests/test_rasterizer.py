@@ -335,6 +335,21 @@ def test_shard_map_over_cameras():
   _close(g, g_ref, 2e-5, "sharded d means")
 
 
+def test_pallas_kernels_lower_to_triton_for_cuda():
+  # No GPU in CI: cross-lowering the jitted forward + backward for CUDA (jax.export) runs Pallas's Triton lowering of
+  # both kernels for real (op support, block shapes, dtypes), which interpret mode never does.
+  from jax import export
+  params, cams = random_scene(13, n=64, k=2, c=7)[:5], random_scene(13, n=64, k=2, c=7)[5:]
+  loss = lambda *p: loss_and_outputs("pallas", p, cams, None, interpret=False)[0]
+  triton = "__gpu$xla.gpu.triton"
+  exp = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(5)))), platforms=["cuda"],
+                      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*params)
+  text = exp.mlir_module()
+  assert text.count(f"@{triton}(") == 2, "expected the forward and the backward kernel"
+  assert 'name = "gs_composite_fwd"' in text and 'name = "gs_composite_bwd"' in text
+  assert "num_warps = 8" in text
+
+
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
 def test_single_gaussian_lands_on_the_pinhole_pixel(backend):
   f, cx, cy, z = 40.0, 24.0, 16.0, 5.0

@@ -186,13 +186,13 @@ class Block(nn.Module):
   cfg: GSDecoderConfig
 
   @nn.compact
-  def __call__(self, x: Array, key_mask: Array | None) -> Array:
+  def __call__(self, x: Array, key_valid: Array | None) -> Array:
     cfg = self.cfg
     b, n, d = x.shape
     head_dim = d // cfg.heads
     y = _layer_norm(cfg, name="norm1")(x).astype(cfg.dtype)
     qkv = _dense(3 * d, ("embed", "heads"), cfg, name="qkv")(y).reshape(b, n, 3, cfg.heads, head_dim)
-    attn = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=key_mask,
+    attn = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid=key_valid,
                                  implementation=cfg.attention_impl)
     x = x + _dense(d, ("heads", "embed"), cfg, name="proj")(attn.reshape(b, n, d))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -334,9 +334,8 @@ class GSDecoder(nn.Module):
     view_mask = view_mask.astype(bool)
     token_valid = jnp.broadcast_to(view_mask[:, None, :, None, None], (b, t, v, gh, gw)).reshape(b, n_img)
     token_valid = jnp.concatenate([jnp.ones((b, n_aux), bool), token_valid], axis=1)
-    key_mask = token_valid[:, None, None, :]  # [B, 1, 1, L]: padded views are never attended
-    for blk in self.blocks:
-      x = blk(x, key_mask)
+    for blk in self.blocks:  # padded views are never attended (keys masked out)
+      x = blk(x, token_valid)
     x = self.norm(x)
     sky_tok = x[:, 0]
     affine_tok = x[:, 1:1 + v]
