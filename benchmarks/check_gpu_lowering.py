@@ -18,6 +18,7 @@ XLA's pipeline makes the same code. Prints one JSON line per part; exits non-zer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -38,24 +39,33 @@ CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fm
                "__cudnn$fmhaScaleBiasSoftmaxBackward")
 
 
+@contextlib.contextmanager
 def pretend_gpu():
-  """Makes the "auto" choices and the cuDNN probes answer as on an H100/H200 (this process only)."""
+  """Inside, the "auto" choices and the cuDNN probes answer as on an H100/H200; restored on exit."""
   from jax._src.cudnn import fused_attention_stablehlo as fa
-  for name in ("check_cudnn_version", "check_compute_capability", "is_cuda_compute_capability_equal"):
-    if not hasattr(fa, name):
-      raise SystemExit(f"jax {jax.__version__}: jax._src.cudnn.fused_attention_stablehlo.{name} is gone; update "
-                       f"pretend_gpu() for this release")
-  fa.check_cudnn_version = lambda: 91000
-  fa.check_compute_capability = lambda capability: tuple(map(int, capability.split("."))) <= (9, 0)
-  fa.is_cuda_compute_capability_equal = lambda capability: capability == "9.0"
-  jax.default_backend = lambda: "gpu"
+  fakes = {(fa, "check_cudnn_version"): lambda: 91000,
+           (fa, "check_compute_capability"): lambda capability: tuple(map(int, capability.split("."))) <= (9, 0),
+           (fa, "is_cuda_compute_capability_equal"): lambda capability: capability == "9.0",
+           (jax, "default_backend"): lambda: "gpu"}
+  for module, name in fakes:
+    if not hasattr(module, name):
+      raise RuntimeError(f"jax {jax.__version__}: {module.__name__}.{name} is gone; update pretend_gpu()")
+  saved = {key: getattr(*key) for key in fakes}
+  try:
+    for (module, name), fake in fakes.items():
+      setattr(module, name, fake)
+    yield
+  finally:
+    for (module, name), original in saved.items():
+      setattr(module, name, original)
 
 
+@contextlib.contextmanager
 def capture_triton_ir():
-  """Records the Triton IR (text) of every Pallas kernel lowered from now on. Returns the list it fills."""
-  from jax._src.pallas.triton import lowering, pallas_call_registration as registration
+  """Inside, records the Triton IR (text) of every Pallas kernel lowered, as (name, text) in the yielded list."""
+  from jax._src.pallas.triton import pallas_call_registration as registration
   modules = []
-  original = lowering.lower_jaxpr_to_triton_module
+  original = registration.lowering.lower_jaxpr_to_triton_module
 
   def recording(*args, **kwargs):
     result = original(*args, **kwargs)
@@ -65,7 +75,10 @@ def capture_triton_ir():
     return result
 
   registration.lowering.lower_jaxpr_to_triton_module = recording
-  return modules
+  try:
+    yield modules
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
 
 
 def export_for_cuda(fn, *args) -> str:
@@ -122,7 +135,6 @@ def check_rasterizer(args) -> dict:
   """STORM-VAE scale (peer-anchors.md): 2.75 M Gaussians into 18 images of 256x448, 6 features + depth, forward and
   backward through the Pallas kernels."""
   from cvd_storm_jax import kernels
-  modules = capture_triton_ir()
   n, k, h, w, c = 4 * 6 * 256 * 448, 18, 256, 448, 6
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   shapes = (f32(n, 3), f32(n, 4), f32(n, 3), f32(n), f32(n, c), f32(k, 4, 4), f32(k, 3, 3))
@@ -132,7 +144,8 @@ def check_rasterizer(args) -> dict:
     return jnp.sum(out.features) + jnp.sum(out.depth) + jnp.sum(out.alpha)
 
   t0 = time.perf_counter()
-  text = export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes)
+  with capture_triton_ir() as modules:
+    text = export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes)
   found = custom_calls(text)
   result = {"part": "rasterizer", "gaussians": n, "images": k, "hw": [h, w], "features": c,
             "lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
@@ -148,16 +161,16 @@ def with_compiled_kernels(result: dict, modules, args) -> dict:
   return result
 
 
-def check_dit(args) -> dict:
-  """The paper-size CVD DiT (SD3.5-medium width, 19 frames x 6 views, 32x56 latents, 154 text tokens) forward and
-  backward in bf16: every attention must take the cuDNN path."""
+def lower_dit(size: str, frames: int, views: int, latent_hw: tuple[int, int], text_len: int) -> dict:
+  """Lowers the CVD DiT's bf16 forward + backward for CUDA. Returns the parameter count, the custom calls found and
+  the number of attention layers of the config (each must be one cuDNN backward call)."""
   from flax.core import meta
 
   from cvd_storm_jax.models import cvd_dit
-  cfg = cvd_dit.default_model_config("sd35_medium")
+  cfg = cvd_dit.default_model_config(size)
   cfg.dtype = "bfloat16"
   model = cvd_dit.CVDDiT(**cfg)
-  t, v, h, w, length = 19, 6, 32, 56, 154
+  t, v, (h, w), length = frames, views, latent_hw, text_len
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   inputs = (f32(1, t, v, h, w, cfg.in_channels), f32(1, t, v), f32(1, t, v, length, cfg.joint_attention_dim),
             f32(1, t, v, cfg.pooled_projection_dim), f32(1, t, v, 8 * h, 8 * w, 6), f32(1, t, v, 11),
@@ -168,12 +181,21 @@ def check_dit(args) -> dict:
   def loss(p, *x):
     return jnp.mean(jnp.square(model.apply({"params": p}, *x).astype(jnp.float32)))
 
+  found = custom_calls(export_for_cuda(jax.grad(loss), params, *inputs))
+  layers = (cfg.num_layers + len(cfg.dual_attention_layers) + len(cfg.temporal_layers) + len(cfg.crossview_layers))
+  cudnn_bwd = sum(n for name, n in found.items() if name.startswith("__cudnn") and name.endswith("Backward"))
+  return {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "custom_calls": found,
+          "attention_layers": layers, "cudnn_backward_calls": cudnn_bwd}
+
+
+def check_dit(args) -> dict:
+  """The paper-size CVD DiT (SD3.5-medium width, 19 frames x 6 views, 32x56 latents, 154 text tokens) forward and
+  backward in bf16: every attention layer must take the cuDNN path."""
   t0 = time.perf_counter()
-  text = export_for_cuda(jax.grad(loss), params, *inputs)
-  found = custom_calls(text)
-  return {"part": "dit", "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-          "lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
-          "ok": sum(n for name, n in found.items() if name.startswith("__cudnn")) > 0}
+  result = {"part": "dit", **lower_dit("sd35_medium", 19, 6, (32, 56), 154)}
+  result["lower_s"] = round(time.perf_counter() - t0, 1)
+  result["ok"] = result["cudnn_backward_calls"] == result["attention_layers"]
+  return result
 
 
 def check_storm_vae(args) -> dict:
@@ -183,7 +205,6 @@ def check_storm_vae(args) -> dict:
 
   from configs.storm_vae import get_config
   from cvd_storm_jax.tasks import get_task
-  modules = capture_triton_ir()
   cfg = get_config("")
   cfg.storm.context_frames = (0, 6, 12, 18)
   cfg.storm.num_targets = 3
@@ -194,7 +215,8 @@ def check_storm_vae(args) -> dict:
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   t0 = time.perf_counter()
   grad_fn = jax.grad(lambda p, b, r: task.loss_fn(p, b, r, jnp.int32(10_000))[0])
-  text = export_for_cuda(grad_fn, params, batch, rng)
+  with capture_triton_ir() as modules:
+    text = export_for_cuda(grad_fn, params, batch, rng)
   found = custom_calls(text)
   result = {"part": "storm_vae", "lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
             "kernels": sorted({name for name, _ in modules}),
@@ -212,11 +234,11 @@ def main():
   args = ap.parse_args()
   if jax.devices()[0].platform == "gpu":
     print("a GPU is present: run the benchmarks instead (benchmarks/run_all_gpu.sh)", file=sys.stderr)
-  pretend_gpu()
   failed = False
   for name in PARTS if args.part == "all" else [args.part]:
     try:
-      result = PARTS[name](args)
+      with pretend_gpu():
+        result = PARTS[name](args)
     except Exception as e:  # noqa: BLE001 - one JSON line per part, then a non-zero exit
       result = {"part": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:3000]}"}
     failed |= not result["ok"]

@@ -1,5 +1,8 @@
 """The attention wrapper's cuDNN-route rewrites, checked through the XLA implementation (which accepts the same
 key_value_seq_lengths) since CI has no GPU; benchmarks/check_gpu_lowering.py lowers the real cuDNN calls."""
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +41,15 @@ def test_odd_lengths_padded_to_even(masked):
   assert q2.shape[1] == k2.shape[1] == 20 and (mask2 is None) == (lengths is not None)
   got = jax.nn.dot_product_attention(q2, k2, v2, mask=mask2, key_value_seq_lengths=lengths)[:, :19]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dit_attention_lowers_to_cudnn_for_cuda():
+  # Every attention layer of the bf16 DiT, 3 (odd) frames included, must lower to cuDNN flash attention for CUDA:
+  # an odd length once made JAX's cuDNN path refuse the 19-frame temporal blocks of the paper size.
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+  import check_gpu_lowering as gpu
+  with gpu.pretend_gpu():
+    assert jax.default_backend() == "gpu"
+    found = gpu.lower_dit("tiny", 3, 3, (4, 4), 5)
+  assert jax.default_backend() == "cpu"  # restored
+  assert found["attention_layers"] >= 4 and found["cudnn_backward_calls"] == found["attention_layers"], found
