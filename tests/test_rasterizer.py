@@ -292,15 +292,24 @@ def test_capacity_overflow_is_counted():
   _close(exact.features, ref.features, 1e-5, "exact capacity")
 
 
-def test_vmap_over_scenes_and_jit():
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_vmap_over_scenes_and_jit(backend):
+  # The STORM-VAE renderer vmaps the rasterizer over samples and target times: forward and gradients under vmap.
   scenes = [random_scene(10 + i, n=120, k=2, c=3) for i in range(2)]
   stacked = tuple(jnp.stack(x) for x in zip(*scenes))
-  fn = jax.jit(jax.vmap(lambda *a: K.rasterize(*a, W, H, backend="xla")))
-  out = fn(*stacked)
+
+  def loss(b, *a):
+    out = K.rasterize(*a, W, H, backend=b)
+    return jnp.sum(out.features ** 2) + jnp.sum(out.depth), out
+
+  grad = lambda b: jax.value_and_grad(functools.partial(loss, b), argnums=(0, 4), has_aux=True)
+  (_, out), g = jax.jit(jax.vmap(grad(backend)))(*stacked)
   for i, sc in enumerate(scenes):
-    ref = K.rasterize(*sc, W, H, backend="reference")
+    (_, ref), g_ref = grad("reference")(*sc)
     _close(out.features[i], ref.features, 1e-5, f"scene {i}")
     _close(out.depth[i], ref.depth, 1e-5, f"scene {i} depth")
+    _close(g[0][i], g_ref[0], 2e-5, f"scene {i} d means")
+    _close(g[1][i], g_ref[1], 2e-5, f"scene {i} d features")
   assert out.overflow.shape == (2,)
 
 
