@@ -81,13 +81,17 @@ def build_scene(f_count, v_count, h, w, seed=0):
               viewmats=f32(viewmats), Ks=f32(np.repeat(k[None], v_count, 0)))
 
 
+VARIANTS = {"pallas_rows": dict(backend="pallas", pallas_reduction="rows")}  # pseudo-backends: pallas options
+
+
 def make_render(sc, h, w, backend, capacity):
   times = jnp.asarray(TIMES, jnp.float32)
+  options = VARIANTS.get(backend, dict(backend=backend))
 
   def render(means, quats, scales, opac, feats):
     def one_time(t):
       return K.rasterize(means + sc["vel"] * t, quats, scales, opac, feats, sc["viewmats"], sc["Ks"], w, h,
-                         near=0.2, far=400.0, backend=backend, tile_size=16, capacity=capacity)
+                         near=0.2, far=400.0, tile_size=16, capacity=capacity, **options)
     return jax.vmap(one_time)(times)  # [3, V, H, W, ...]
 
   return render
@@ -175,7 +179,8 @@ def bench_scene(name, dims, backends, repeats, gsplat):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tiny", action="store_true", help="scaled-down scenes (CPU)")
-  ap.add_argument("--backends", default="xla,pallas")
+  ap.add_argument("--backends", default="xla,pallas",
+                  help=f"comma-separated: xla, pallas, reference, or a Pallas variant ({', '.join(VARIANTS)})")
   ap.add_argument("--scenes", default="", help="comma-separated subset of scene names")
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--gsplat-json", default="", help="gsplat_anchor.json from the anchor run in the same session")

@@ -133,25 +133,28 @@ def compile_with_triton(modules, num_warps: int = 8) -> list[dict]:
 
 def check_rasterizer(args) -> dict:
   """STORM-VAE scale (peer-anchors.md): 2.75 M Gaussians into 18 images of 256x448, 6 features + depth, forward and
-  backward through the Pallas kernels."""
+  backward through the Pallas kernels, for each of the backward's reductions."""
   from cvd_storm_jax import kernels
+  from cvd_storm_jax.kernels import pallas_gpu
   n, k, h, w, c = 4 * 6 * 256 * 448, 18, 256, 448, 6
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   shapes = (f32(n, 3), f32(n, 4), f32(n, 3), f32(n), f32(n, c), f32(k, 4, 4), f32(k, 3, 3))
+  result = {"part": "rasterizer", "gaussians": n, "images": k, "hw": [h, w], "features": c, "ok": True}
+  for reduction in pallas_gpu.BACKWARD_REDUCTIONS:
+    def loss(means, quats, scales, opacities, features, viewmats, ks):
+      out = kernels.rasterize(means, quats, scales, opacities, features, viewmats, ks, w, h, backend="auto",
+                              pallas_reduction=reduction)
+      return jnp.sum(out.features) + jnp.sum(out.depth) + jnp.sum(out.alpha)
 
-  def loss(means, quats, scales, opacities, features, viewmats, ks):
-    out = kernels.rasterize(means, quats, scales, opacities, features, viewmats, ks, w, h, backend="auto")
-    return jnp.sum(out.features) + jnp.sum(out.depth) + jnp.sum(out.alpha)
-
-  t0 = time.perf_counter()
-  with capture_triton_ir() as modules:
-    text = export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes)
-  found = custom_calls(text)
-  result = {"part": "rasterizer", "gaussians": n, "images": k, "hw": [h, w], "features": c,
-            "lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
-            "kernels": sorted(name for name, _ in modules)}
-  result["ok"] = found.get(TRITON_CALL) == 2
-  return with_compiled_kernels(result, modules, args)
+    t0 = time.perf_counter()
+    with capture_triton_ir() as modules:
+      found = custom_calls(export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes))
+    part = with_compiled_kernels({"lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
+                                  "kernels": sorted(name for name, _ in modules),
+                                  "ok": found.get(TRITON_CALL) == 2}, modules, args)
+    result[f"reduction_{reduction}"] = part
+    result["ok"] &= part["ok"]
+  return result
 
 
 def with_compiled_kernels(result: dict, modules, args) -> dict:

@@ -12,4 +12,7 @@ timeout 200 bash benchmarks/run_dit_gpu.sh "$OUT_DIR" 2>&1 | tail -n 40
 timeout 170 bash benchmarks/run_rasterizer_gpu.sh "$OUT_DIR" 2>&1 | tail -n 40
 timeout 100 bash benchmarks/run_vae_gpu.sh "$OUT_DIR" 2>&1 | tail -n 20
 timeout 80 python3 benchmarks/bench_storm_vae.py 2>&1 | tail -n 5 | tee "$OUT_DIR/storm_vae_ours.json"
+# Last, so that it cannot starve the rest: the Pallas backward's other reduction at the STORM-VAE scale.
+timeout 60 python3 benchmarks/bench_rasterizer.py --scenes storm_vae_256x448_F4_V6 --backends pallas_rows \
+  --out "$OUT_DIR/rasterizer_rows.json" 2>&1 | tail -n 3
 ls -la "$OUT_DIR"

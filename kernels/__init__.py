@@ -74,11 +74,13 @@ def _check(means, quats, scales, opacities, features, viewmats, Ks, background):
 
 def rasterize(means, quats, scales, opacities, features, viewmats, Ks, width: int, height: int, *, near=0.2,
               far=400.0, background=None, backend="auto", tile_size=16, capacity=None, chunk=32,
-              interpret=None) -> RenderOutput:
+              interpret=None, pallas_reduction="quantities") -> RenderOutput:
   """Render N Gaussians into K cameras. Shapes and conventions: see the module docstring.
 
   capacity: intersection buffer size of the tiled backends (default `default_capacity`); `chunk`: splats per
-  compositing step (power of two for Pallas); `interpret`: Pallas interpreter (default: when not on GPU).
+  compositing step (power of two for Pallas); `interpret`: Pallas interpreter (default: when not on GPU);
+  `pallas_reduction`: how the Pallas backward sums each splat's gradient over a tile's pixels, "quantities" or
+  "rows" (`pallas_gpu.BACKWARD_REDUCTIONS`; same result, different speed).
   """
   _check(means, quats, scales, opacities, features, viewmats, Ks, background)
   backend = resolve_backend(backend)
@@ -89,13 +91,13 @@ def rasterize(means, quats, scales, opacities, features, viewmats, Ks, width: in
   return _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, background, width=int(width),
                         height=int(height), near=float(near), far=float(far), backend=backend,
                         tile_size=int(tile_size), capacity=None if capacity is None else int(capacity),
-                        chunk=int(chunk), interpret=bool(interpret))
+                        chunk=int(chunk), interpret=bool(interpret), pallas_reduction=str(pallas_reduction))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "height", "near", "far", "backend", "tile_size", "capacity",
-                                             "chunk", "interpret"))
+                                             "chunk", "interpret", "pallas_reduction"))
 def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, background, *, width, height, near, far,
-                   backend, tile_size, capacity, chunk, interpret) -> RenderOutput:
+                   backend, tile_size, capacity, chunk, interpret, pallas_reduction) -> RenderOutput:
   # Jitted as a whole even when called eagerly: op-by-op dispatch of the loops is ~5x slower to run.
   k, n, c = viewmats.shape[0], means.shape[0], features.shape[1]
   # fp32 maths (float64 when the inputs are): STORM also renders with autocast off. bf16 inputs are promoted.
@@ -127,7 +129,7 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
         f, d, t = tiled_xla.composite_xla(splats, isect, geom)
       else:
         from . import pallas_gpu  # imports jax.experimental.pallas only when asked for
-        f, d, t = pallas_gpu.composite_pallas(splats, isect, geom, interpret)
+        f, d, t = pallas_gpu.composite_pallas(splats, isect, geom, interpret, pallas_reduction)
       f, d, t = (tiled_xla.tiles_to_image(x, geom) for x in (f, d, t))
       overflow = isect.overflow
   if background is not None:

@@ -14,7 +14,7 @@ replaces the per-tile compositing. Layout:
 - The forward kernel also writes each pixel's stop index. Backward: gsplat's walk, back to front from the last splat
   any pixel of the tile used, recovering T by division by (1 - alpha) and accumulating the colour/depth behind from
   the back. Each intersection belongs to exactly one tile, so each program writes its own slots of per-intersection
-  gradient buffers (no atomics, deterministic; slots a tile never reaches keep the zeros of the aliased input), and
+  gradient buffers (no atomics, deterministic; slots a tile never reaches keep the zeros of the aliased inputs), and
   XLA reduces them with `segment_sum`. That works identically in the interpreter and on Triton (atomics do not
   interpret everywhere).
 """
@@ -62,11 +62,12 @@ def _squeezed():
   return getattr(pl, "squeezed", None)
 
 
-def _gather_sorted(splats: Splats, isect: Intersections, chunk: int):
-  """Per-intersection SoA arrays in sorted order, padded by `chunk` slots. Returns (scalars tuple, features)."""
+def _gather_sorted(splats: Splats, isect: Intersections, chunk: int, offset: int = 0, width: int | None = None):
+  """Per-intersection SoA arrays in sorted order, padded by `chunk` slots. Returns (scalars tuple, features); the
+  features sit in columns [offset, offset + C) of a power-of-two `width` (default: C rounded up), zeros elsewhere."""
   kn, n = splats.depths.shape[0], splats.opacities.shape[0]
   c = splats.features.shape[1]
-  cp = _next_pow2(c)
+  cp = width or _next_pow2(c)
   gid = jnp.concatenate([isect.gid, jnp.full((chunk,), kn, jnp.int32)])
   ok = gid < kn
   g = jnp.minimum(gid, kn - 1)
@@ -78,7 +79,7 @@ def _gather_sorted(splats: Splats, isect: Intersections, chunk: int):
   scal = (take(splats.means2d[g, 0]), take(splats.means2d[g, 1]), take(splats.conics[g, 0]),
           take(splats.conics[g, 1]), take(splats.conics[g, 2]), take(splats.opacities[gn]), take(splats.depths[g]))
   feat = jnp.where(ok[:, None], splats.features[gn], 0.0)
-  feat = jnp.pad(feat, ((0, 0), (0, cp - c)))
+  feat = jnp.pad(feat, ((0, 0), (offset, cp - c - offset)))
   return scal, feat
 
 
@@ -140,20 +141,27 @@ def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
 
 
 def _bwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
-                t_fin_ref, stop_ref, gf_ref, gd_ref, gt_ref, *rest, geom: Geometry):
-  # rest: 8 aliased zero inputs, then the 8 outputs (d mean x, d mean y, d conic a, b, c, d opacity, d depth,
-  # d features); only the outputs are touched.
-  outs = rest[8:]
-  g_refs, gc_ref = outs[:7], outs[7]
+                t_fin_ref, stop_ref, gf_ref, gd_ref, gt_ref, *rest, geom: Geometry, reduction: str):
+  # The sum of each splat's gradient over the tile's 256 pixels is the kernel's main cost besides the maths. Two
+  # ways (BACKWARD_REDUCTIONS; which is faster is for the GPU benchmark to say):
+  # - "quantities": each of the 7 splat quantities reduced on its own, the features as one [256, Cp] block (8 block
+  #   reductions per splat); written to 8 buffers: d mean x, d mean y, d conic a, b, c, d opacity, d depth [M'],
+  #   d features [M', Cp]. rest = 8 aliased zero inputs, then those 8 outputs.
+  # - "rows": the whole gradient row built per pixel and reduced once (one block reduction: fewer shuffles and
+  #   barriers, more registers); features and their cotangents arrive in columns [_GRAD_FEAT, _GRAD_FEAT + C) of a
+  #   power-of-two row, and one row per intersection is written: columns 0..6 the 7 quantities, then the features.
+  #   rest = 1 aliased zero input, then that [M', width] output.
+  outs = rest[len(rest) // 2:]
   t = pl.program_id(0)
   start, end = start_ref[t], end_ref[t]
   dt = t_fin_ref.dtype
   px, py = _pixel_coords(t, geom, dt)
-  p = geom.pixels_per_tile
+  p, width = geom.pixels_per_tile, gf_ref.shape[-1]
   chunk = geom.chunk
   splat_refs = (mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref)
   t_fin, stop_at, g_f, g_d = t_fin_ref[...], stop_ref[...], gf_ref[...], gd_ref[...]
   gt_term = gt_ref[...] * t_fin
+  column = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
   # Back to front from the last splat any pixel of the tile used (gsplat's order).
   hi = jnp.minimum(jnp.max(stop_at), end)
   n_chunks = (hi - start + chunk - 1) // chunk
@@ -171,17 +179,26 @@ def _bwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
     use = (alpha > 0) & (i < stop_at)
     t_before = t_after / jnp.where(use, 1.0 - alpha, 1.0)
     w = jnp.where(use, alpha * t_before, 0.0)
-    q = jnp.sum(g_f * feat[None, :], axis=1)  # dL/dF . c_i per pixel
+    q = jnp.sum(g_f * feat[None, :], axis=1)  # dL/dF . c_i per pixel (within a thread: no exchange)
     inv = 1.0 / (1.0 - alpha)
     dalpha = q * t_before - s_f * inv + g_d * (z * t_before - s_d * inv) - gt_term * inv
     dalpha = jnp.where(use, dalpha, 0.0)
     parts = pj.alpha_vjp(dalpha, dx, dy, ca, cb, cc, alpha, raw, gauss) + (w * g_d,)
+    rows = w[:, None] * g_f  # [P, width]: d features in their columns
+    if reduction == "rows":
+      for col, part in enumerate(parts):
+        rows = rows + jnp.where(column == col, part[:, None], 0.0)
+      sums = (jnp.sum(rows, axis=0),)
+    else:
+      sums = tuple(jnp.sum(part) for part in parts) + (jnp.sum(rows, axis=0),)
 
     @pl.when(valid)
     def _store():
-      for ref, part in zip(g_refs, parts):
-        ref[i] = jnp.sum(part)
-      gc_ref[i, :] = jnp.sum(w[:, None] * g_f, axis=0)
+      for ref, value in zip(outs, sums):
+        if value.ndim:
+          ref[i, :] = value
+        else:
+          ref[i] = value
 
     return t_before, s_f + w * q, s_d + w * z
 
@@ -216,41 +233,52 @@ def pallas_forward(splats: Splats, isect: Intersections, geom: Geometry, interpr
   return f[..., :c], d, t, stop_at
 
 
+_GRAD_FEAT = 8  # "rows": first feature column of the gradient rows (7 splat quantities before it, one spare)
+BACKWARD_REDUCTIONS = ("quantities", "rows")
+
+
 def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, t_fin, stop_at, g_f, g_d, g_t,
-                    interpret: bool):
+                    interpret: bool, reduction: str = "quantities"):
   """Same contract as `tiled_xla.xla_backward`."""
-  scal, feat = _gather_sorted(splats, isect, geom.chunk)
+  c = splats.features.shape[1]
+  offset = _GRAD_FEAT if reduction == "rows" else 0
+  width = _next_pow2(offset + c)
+  scal, feat = _gather_sorted(splats, isect, geom.chunk, offset=offset, width=width)
   dt = scal[0].dtype
-  nt, p, c, cp = geom.n_tiles, geom.pixels_per_tile, splats.features.shape[1], feat.shape[1]
-  mp = feat.shape[0]
-  g_f = jnp.pad(g_f, ((0, 0), (0, 0), (0, cp - c)))
+  nt, mp = geom.n_tiles, feat.shape[0]
+  g_f = jnp.pad(g_f, ((0, 0), (0, 0), (offset, width - c - offset)))
   zero = (isect.tile_start[:1] * 0).astype(dt)  # carries the inputs' shard_map varying axes (see tiled_xla)
-  zeros = [jnp.zeros((mp,), dt) + zero for _ in range(7)] + [jnp.zeros((mp, cp), dt) + zero[:, None]]
+  shapes = [(mp, width)] if reduction == "rows" else [(mp,)] * 7 + [(mp, width)]
+  zeros = [jnp.zeros(shape, dt) + zero.reshape((1,) * (len(shape) - 1) + (1,)) for shape in shapes]
   n_in = 15
   outs = pl.pallas_call(
-      functools.partial(_bwd_kernel, geom=geom),
+      functools.partial(_bwd_kernel, geom=geom, reduction=reduction),
       out_shape=tuple(_out_struct(z.shape, dt, isect.tile_start) for z in zeros),
       grid=(nt,),
-      in_specs=[_ANY] * 10 + [_tile_spec(geom), _tile_spec(geom), _tile_spec(geom, (cp,)), _tile_spec(geom),
-                              _tile_spec(geom)] + [_ANY] * 8,
-      out_specs=tuple([_ANY] * 8),
-      input_output_aliases={n_in + i: i for i in range(8)},
+      in_specs=[_ANY] * 10 + [_tile_spec(geom), _tile_spec(geom), _tile_spec(geom, (width,)), _tile_spec(geom),
+                              _tile_spec(geom)] + [_ANY] * len(zeros),
+      out_specs=tuple([_ANY] * len(zeros)),
+      input_output_aliases={n_in + i: i for i in range(len(zeros))},
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="gs_composite_bwd",
   )(isect.tile_start, isect.tile_end, *scal, feat, t_fin, stop_at, g_f, g_d, g_t, *zeros)
   m = isect.gid.shape[0]
-  g_s = jnp.stack([o[:m] for o in outs[:7]], -1)
-  return g_s, outs[7][:m, :c]
+  if reduction == "rows":
+    return outs[0][:m, :7], outs[0][:m, _GRAD_FEAT:_GRAD_FEAT + c]
+  return jnp.stack([o[:m] for o in outs[:7]], -1), outs[7][:m, :c]
 
 
 _composites = {
-    flag: make_composite(functools.partial(pallas_forward, interpret=flag),
-                         functools.partial(pallas_backward, interpret=flag))
-    for flag in (False, True)
+    (flag, reduction): make_composite(functools.partial(pallas_forward, interpret=flag),
+                                      functools.partial(pallas_backward, interpret=flag, reduction=reduction))
+    for flag in (False, True) for reduction in BACKWARD_REDUCTIONS
 }
 
 
-def composite_pallas(splats: Splats, isect: Intersections, geom: Geometry, interpret: bool):
+def composite_pallas(splats: Splats, isect: Intersections, geom: Geometry, interpret: bool,
+                     reduction: str = "quantities"):
   """Differentiable (F [n_tiles, P, C], D [n_tiles, P], T [n_tiles, P]) through the Pallas kernels."""
-  return _composites[bool(interpret)](splats, isect, geom)
+  if reduction not in BACKWARD_REDUCTIONS:
+    raise ValueError(f"pallas backward reduction {reduction!r}, expected one of {BACKWARD_REDUCTIONS}")
+  return _composites[(bool(interpret), reduction)](splats, isect, geom)

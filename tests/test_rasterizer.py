@@ -67,9 +67,13 @@ def _project(means, quats, scales, views, ks):
   return K.project(means, quats, scales, views, ks, W, H, 0.2, 400.0)
 
 
+VARIANTS = {"pallas_rows": ("pallas", dict(pallas_reduction="rows"))}  # the Pallas backward's other reduction
+
+
 @functools.lru_cache(maxsize=None)
 def _value_and_grad(backend):
-  return jax.jit(jax.value_and_grad(lambda p, c, b: loss_and_outputs(backend, p, c, b), argnums=(0, 2),
+  backend, kw = VARIANTS.get(backend, (backend, {}))
+  return jax.jit(jax.value_and_grad(lambda p, c, b: loss_and_outputs(backend, p, c, b, **kw), argnums=(0, 2),
                                     has_aux=True))
 
 
@@ -79,7 +83,7 @@ def scene_c7():
   s = random_scene(0, n=400, k=3, c=7)
   params, cams = s[:5], s[5:]
   bg = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7)), jnp.float32)
-  res = {b: _value_and_grad(b)(params, cams, bg) for b in ("reference", "xla", "pallas")}
+  res = {b: _value_and_grad(b)(params, cams, bg) for b in ("reference", "xla", "pallas", "pallas_rows")}
   return s, res
 
 
@@ -113,7 +117,7 @@ def test_forward_matches_reference_c7(scene_c7, backend):
     _close(getattr(got, name), getattr(ref, name), 1e-5, f"{backend} {name}")
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("backend", ["xla", "pallas", "pallas_rows"])
 def test_gradients_match_reference(scene_c7, backend):
   _, res = scene_c7
   (g_ref, gbg_ref), (g, gbg) = res["reference"][1], res[backend][1]
@@ -349,14 +353,15 @@ def test_pallas_kernels_lower_to_triton_for_cuda():
   # both kernels for real (op support, block shapes, dtypes), which interpret mode never does.
   from jax import export
   params, cams = random_scene(13, n=64, k=2, c=7)[:5], random_scene(13, n=64, k=2, c=7)[5:]
-  loss = lambda *p: loss_and_outputs("pallas", p, cams, None, interpret=False)[0]
   triton = "__gpu$xla.gpu.triton"
-  exp = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(5)))), platforms=["cuda"],
-                      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*params)
-  text = exp.mlir_module()
-  assert text.count(f"@{triton}(") == 2, "expected the forward and the backward kernel"
-  assert 'name = "gs_composite_fwd"' in text and 'name = "gs_composite_bwd"' in text
-  assert "num_warps = 8" in text
+  for reduction in ("quantities", "rows"):
+    loss = lambda *p: loss_and_outputs("pallas", p, cams, None, interpret=False, pallas_reduction=reduction)[0]
+    exp = export.export(jax.jit(jax.grad(loss, argnums=tuple(range(5)))), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*params)
+    text = exp.mlir_module()
+    assert text.count(f"@{triton}(") == 2, "expected the forward and the backward kernel"
+    assert 'name = "gs_composite_fwd"' in text and 'name = "gs_composite_bwd"' in text
+    assert "num_warps = 8" in text
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
