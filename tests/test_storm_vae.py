@@ -1,5 +1,6 @@
 """STORM-VAE task: the joint objective on synthetic clips, gradient routing (rendered loss -> rasteriser -> GS decoder
--> VAE encoder; OpenDV-style samples train the VAE only), a short overfit, the trainer contract and the eval metrics.
+-> VAE encoder; OpenDV-style samples train the VAE only), the overfit targets, the trainer contract and the eval
+metrics.
 
 One jitted function (the two loss terms, each with its gradient, weighted by traced scalars) is compiled once per
 module and reused by every test, overfit included: compilation dominates on CPU.
@@ -32,7 +33,7 @@ def _config():
   cfg.model.gs.num_views = V
   cfg.data.num_views = V
   cfg.storm.context_frames = (0, 2)
-  cfg.storm.target_frames = (1, 2)  # fixed: deterministic tests
+  cfg.storm.target_frames = (0, 2)  # fixed: deterministic tests; the context frames (reconstruction, as overfit)
   cfg.data.buckets = [(H, W, 1.0)]
   cfg.data.num_frames = T
   cfg.data.synthetic.height, cfg.data.synthetic.width = H, W
@@ -131,25 +132,41 @@ def test_opendv_samples_train_the_vae_only(env):
   np.testing.assert_allclose(float(loss), float(m["loss_vae"]), rtol=1e-6)
 
 
-def test_short_overfit_improves_renders(env):
-  """A weaker, CPU-sized version of benchmarks/overfit_storm_vae.py (which reaches the PSNR/depth targets)."""
+def test_overfit_reaches_psnr_and_depth_targets(env):
+  """The tiny config overfits one synthetic scene (known geometry) to rendered-view PSNR >= 28 dB and LiDAR depth
+  RMSE < 5 % of the scene's depth range, rendered from the posterior means as in evaluation. 600 Adam steps on the
+  module's compiled step, the rate cut 5x for the last 100 (about 2.5 min on 2 cores); recorded on 2026-11-28:
+  PSNR 12.5 -> 29.7 dB, depth RMSE 98 % -> 4.3 % (800 steps, cut at 700: 30.5 dB, 4.0 %)."""
   task, grad_fn = env["task"], env["grad_fn"]
   batch = {k: jnp.asarray(v) for k, v in task.device_batch(_host_batch([env["scene"], env["scene"]],
                                                                         [True, True])).items()}
   params = env["params"]
-  tx = optax.adam(3e-3)
+  tx = optax.chain(optax.clip_by_global_norm(3.0), optax.adam(optax.piecewise_constant_schedule(5e-3, {500: 0.2})))
   opt = tx.init(params)
-  first = None
-  for i in range(20):
-    (loss, (m, aux)), g = grad_fn(params, batch, jax.random.key(100 + i), 1.0, task.storm_lambda)
-    if first is None:
-      first = {k: float(v) for k, v in m.items()}
-    updates, opt = tx.update(g, opt, params)
-    params = optax.apply_updates(params, updates)
-  (loss, (m, aux)), _ = grad_fn(params, batch, jax.random.key(999), 1.0, task.storm_lambda)
-  assert float(m["storm_psnr"]) > first["storm_psnr"] + 3.0, (first["storm_psnr"], float(m["storm_psnr"]))
-  assert float(m["storm_depth"]) < 0.7 * first["storm_depth"], (first["storm_depth"], float(m["storm_depth"]))
-  assert float(m["vae_psnr"]) > first["vae_psnr"] + 2.0
+  update = jax.jit(lambda g, o, p: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
+
+  @jax.jit
+  def render(params):
+    sel = task.select(batch, None)
+    out = task.forward(params, sel, None, decode=False)
+    return out["renders"]["rgb"], out["renders"]["depth"], sel["tgt_images"], sel["tgt_depth"]
+
+  def evaluate(params):
+    rgb, depth, gt, gt_depth = jax.device_get(render(params))
+    psnr = float(np.mean(eval_storm.image_metrics((rgb * 0.5 + 0.5).reshape((-1, H, W, 3)),
+                                                  (gt * 0.5 + 0.5).reshape((-1, H, W, 3)))["psnr"]))
+    lidar = gt_depth > 0.01
+    rmse = float(np.sqrt(np.mean((depth - gt_depth)[lidar] ** 2)))
+    return psnr, rmse / float(gt_depth[lidar].max() - gt_depth[lidar].min())
+
+  first = evaluate(params)
+  for i in range(600):
+    (_, _), g = grad_fn(params, batch, jax.random.key(100 + i), 1.0, task.storm_lambda)
+    params, opt = update(g, opt, params)
+  psnr, depth_frac = evaluate(params)
+  print(f"overfit: PSNR {first[0]:.2f} -> {psnr:.2f} dB, depth RMSE {first[1]:.1%} -> {depth_frac:.1%} of range")
+  assert psnr >= 28.0, (first, psnr)
+  assert depth_frac < 0.05, (first, depth_frac)
 
 
 def test_trainer_contract(env):
@@ -202,8 +219,8 @@ def test_eval_outputs(env, tmp_path):
   assert np.isfinite(metrics["d_rmse"]).any()
   eval_storm.write_outputs(str(tmp_path), res, ["a", "b"], fps=10.0, ply_time=0.1, max_depth=50.0)
   assert os.path.getsize(tmp_path / "a_rgb.mp4") > 0 and os.path.getsize(tmp_path / "b_depth.mp4") > 0
-  assert (tmp_path / "renders" / f"a_t01_v{V - 1}_rgb.png").exists() and (tmp_path / "renders" / "b_t02_v0_gt.png").exists()
-  assert not (tmp_path / "renders" / "b_t01_v1_rgb.png").exists()  # padded view of the OpenDV-like sample
+  assert (tmp_path / "renders" / f"a_t00_v{V - 1}_rgb.png").exists() and (tmp_path / "renders" / "b_t02_v0_gt.png").exists()
+  assert not (tmp_path / "renders" / "b_t00_v1_rgb.png").exists()  # padded view of the OpenDV-like sample
   ply = eval_storm.read_ply(str(tmp_path / "a.ply"))
   assert len(ply["means"]) == 2 * V * H * W  # every Gaussian of the multi-view sample has opacity > 0
   assert len(eval_storm.read_ply(str(tmp_path / "b.ply"))["means"]) == 2 * 1 * H * W
