@@ -2,38 +2,19 @@
 the reference-frame and condition-drop logic, and rectified flow against diffusers' scheduler."""
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
 
+from _configs import small_dit_config  # noqa: I100 (configs/ as modules)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax.data_pipelines import pipeline
 from cvd_storm_jax.diffusion import rectified_flow as rf
 from cvd_storm_jax.tasks import dit as dit_task
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16)
-
-
-def tiny_config():
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import dit
-  finally:
-    sys.path.pop(0)
-  c = dit.get_config("tiny")
-  c.data.batch_size = 1
-  c.data.num_frames = 2
-  c.data.buckets = [(32, 64, 1.0)]
-  # Two layers keep compile time small; every block kind is still present.
-  c.model.num_layers, c.model.dual_attention_layers = 2, (0,)
-  c.model.temporal_layers, c.model.crossview_layers, c.model.num_adapter_blocks = (1,), (0,), 1
-  return c
 
 
 def test_hashed_word_ids():
@@ -79,7 +60,7 @@ def _init_and_grads(config, host):
 
 @pytest.fixture(scope="module")
 def host_batch():
-  return next(pipeline.make_iterator(tiny_config().data, seed=0))
+  return next(pipeline.make_iterator(small_dit_config().data, seed=0))
 
 
 def _vae_encoder_from_diffusers(folder):
@@ -98,7 +79,7 @@ def test_vae_latents_from_diffusers_folder_are_frozen(tmp_path, host_batch):
   torch = pytest.importorskip("torch")
   folder = str(tmp_path / "vae")
   ref = _vae_encoder_from_diffusers(folder)
-  config = tiny_config()
+  config = small_dit_config()
   config.latents.kind, config.latents.vae_from = "vae", folder
   task, params, loss, grads = _init_and_grads(config, host_batch)
   assert np.isfinite(loss)
@@ -120,7 +101,7 @@ def test_vae_latents_from_diffusers_folder_are_frozen(tmp_path, host_batch):
 
 
 def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
-  config = tiny_config()
+  config = small_dit_config()
   config.latents.kind = "vae"
   config.latents.vae = TINY_VAE
   from cvd_storm_jax.models import vae as vae_lib
@@ -137,7 +118,7 @@ def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
 
 
 def test_dropped_conditions_change_the_prediction_and_grey_layout(host_batch):
-  config = tiny_config()
+  config = small_dit_config()
   task = dit_task.make_task(config)
   batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}
   params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _configs import small_dit_config, storm_vae  # noqa: I100 (configs/ as modules)
 from cvd_storm_jax.diffusion import rectified_flow as rf
 from cvd_storm_jax.diffusion import sampler
 
@@ -157,36 +158,18 @@ def test_autoregressive_windows_and_lengths():
 
 
 def _tiny_dit_config():
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, os.path.join(repo, "configs"))
-  try:
-    import dit
-  finally:
-    sys.path.pop(0)
-  c = dit.get_config("tiny")
+  c = small_dit_config()
   c.num_devices = 1
-  c.data.batch_size, c.data.num_frames, c.data.buckets = 1, 2, [(32, 64, 1.0)]
-  # Two layers keep compile time small; every block kind is still present.
-  c.model.num_layers, c.model.dual_attention_layers = 2, (0,)
-  c.model.temporal_layers, c.model.crossview_layers, c.model.num_adapter_blocks = (1,), (0,), 1
   c.total_steps, c.checkpoint.every_steps, c.checkpoint.async_save, c.progress_bar = 2, 2, False, False
   return c
 
 
 def _random_storm_vae(dit_config, path):
   """A random-init tiny STORM-VAE params file (the DiT's latent size: 16 channels, 4x8 latents) and its config."""
-  import sys
   from cvd_storm_jax import checkpoint as ckpt_lib
   from cvd_storm_jax import tasks
   from cvd_storm_jax.data_pipelines import pipeline
   from cvd_storm_jax.models.storm_vae import StormVAE
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, os.path.join(repo, "configs"))
-  try:
-    import storm_vae
-  finally:
-    sys.path.pop(0)
   s = storm_vae.get_config("tiny")
   s.storm.context_frames, s.storm.num_targets, s.storm.target_frames = (0, 1), 1, (1,)
   s.model.gs.pos_grid = (4, 8)

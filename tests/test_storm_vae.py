@@ -15,19 +15,17 @@ import optax
 import pytest
 from flax.core import meta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.storm_vae import get_config  # noqa: E402
-from cvd_storm_jax import eval_storm  # noqa: E402
-from cvd_storm_jax.data_pipelines import conditions, synthetic  # noqa: E402
-from cvd_storm_jax.tasks import get_task  # noqa: E402
+from _configs import storm_vae  # noqa: I100 (configs/ as a module)
+from cvd_storm_jax import eval_storm
+from cvd_storm_jax.data_pipelines import conditions, synthetic
+from cvd_storm_jax.tasks import get_task
 
 H, W, T, V = 16, 32, 3, 3  # 3 view slots (the recipe has 6): half the CPU time, same code paths
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # for programs that run once: 4x faster to compile on CPU
 
 
 def _config():
-  cfg = get_config("tiny")
+  cfg = storm_vae.get_config("tiny")
   cfg.model.gs.pos_grid = (H // 8, W // 8)
   cfg.model.gs.rasterize_backend = "xla"
   cfg.model.gs.num_views = V

@@ -15,19 +15,14 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.core import meta
 
+from _configs import REPO, dit  # noqa: I100 (configs/ as a module)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax import sharding, tasks
 from cvd_storm_jax.data_pipelines import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**data_overrides):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import dit  # configs/dit.py
-  finally:
-    sys.path.pop(0)
   c = dit.get_config("tiny")
   c.progress_bar = False
   c.checkpoint.async_save = False
