@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvd_storm_jax import kernels as K
+from timing import timed  # benchmarks/timing.py
 
 FULL = {"storm_vae_256x448_F4_V6": (4, 6, 256, 448), "storm_waymo_160x240_F4_V3": (4, 3, 160, 240),
         "one_frame_256x448_V6": (1, 6, 256, 448)}
@@ -97,17 +96,6 @@ def make_render(sc, h, w, backend, capacity):
   return render
 
 
-def timed(fn, args, repeats, warmup=2):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
-
-
 def peak_memory_gb():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -157,8 +145,8 @@ def bench_scene(name, dims, backends, repeats, gsplat):
         return jnp.sum(o.features * wf) + jnp.sum(o.depth * wd)
 
       fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
-      res[f"{backend}_fwd_ms"] = round(timed(fwd, params, repeats), 2)
-      res[f"{backend}_fwd_bwd_ms"] = round(timed(fb, params, repeats), 2)
+      res[f"{backend}_fwd_ms"] = round(timed(fwd, *params, repeats=repeats) * 1e3, 2)
+      res[f"{backend}_fwd_bwd_ms"] = round(timed(fb, *params, repeats=repeats) * 1e3, 2)
       res[f"{backend}_peak_mem_gb"] = peak_memory_gb()
       if gsplat and name in gsplat:
         g = gsplat[name]

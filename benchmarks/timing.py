@@ -2,6 +2,7 @@
 ``python benchmarks/<name>.py``, which puts this folder on sys.path)."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -16,5 +17,4 @@ def timed(fn, *args, repeats: int, warmup: int = 2) -> float:
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
-  times.sort()
-  return times[len(times) // 2]
+  return statistics.median(times)
