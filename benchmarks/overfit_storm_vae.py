@@ -30,6 +30,33 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def make_evaluator(task, batch):
+  """evaluate(params) -> the rendered targets' metrics, Gaussians from the posterior means (as in evaluation):
+  psnr / ssim (means over images), depth RMSE over all LiDAR pixels (d_rmse, and as d_rmse_frac of the LiDAR depth
+  range), per-image d_rmse, abs_rel, delta1."""
+  from cvd_storm_jax import eval_storm
+
+  @jax.jit
+  def render(params):
+    sel = task.select(batch, None)
+    out = task.forward(params, sel, None, decode=False)
+    return out["renders"]["rgb"] * 0.5 + 0.5, out["renders"]["depth"], sel["tgt_images"] * 0.5 + 0.5, sel["tgt_depth"]
+
+  def evaluate(params):
+    rgb, depth, gt, gt_depth = jax.device_get(render(params))
+    im = eval_storm.image_metrics(rgb.reshape((-1,) + rgb.shape[-3:]), gt.reshape((-1,) + gt.shape[-3:]))
+    dm = eval_storm.depth_metrics(depth.reshape((-1,) + depth.shape[-2:]), gt_depth.reshape((-1,) + depth.shape[-2:]))
+    valid = gt_depth > 0.01
+    rng_m = float(gt_depth[valid].max() - gt_depth[valid].min())
+    err = (depth - gt_depth)[valid]
+    rmse_all = float(np.sqrt(np.mean(err ** 2)))
+    return {"psnr": float(np.mean(im["psnr"])), "ssim": float(np.mean(im["ssim"])), "d_rmse": rmse_all,
+            "d_rmse_per_image": float(np.nanmean(dm["d_rmse"])), "abs_rel": float(np.nanmean(dm["abs_rel"])),
+            "delta1": float(np.nanmean(dm["delta1"])), "depth_range": rng_m, "d_rmse_frac": rmse_all / rng_m}
+
+  return evaluate
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=1500)
@@ -47,7 +74,6 @@ def main():
   from flax.core import meta
 
   from configs.storm_vae import get_config
-  from cvd_storm_jax import eval_storm
   from cvd_storm_jax.data_pipelines import conditions, synthetic
   from cvd_storm_jax.tasks import get_task
 
@@ -78,29 +104,13 @@ def main():
     updates, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, updates), opt, loss, metrics
 
-  @jax.jit
-  def render(params):
-    sel = task.select(batch, None)
-    out = task.forward(params, sel, None, decode=False)
-    return out["renders"]["rgb"] * 0.5 + 0.5, out["renders"]["depth"], sel["tgt_images"] * 0.5 + 0.5, sel["tgt_depth"]
-
-  def evaluate():
-    rgb, depth, gt, gt_depth = jax.device_get(render(params))
-    im = eval_storm.image_metrics(rgb.reshape((-1,) + rgb.shape[-3:]), gt.reshape((-1,) + gt.shape[-3:]))
-    dm = eval_storm.depth_metrics(depth.reshape((-1,) + depth.shape[-2:]), gt_depth.reshape((-1,) + depth.shape[-2:]))
-    valid = gt_depth > 0.01
-    rng_m = float(gt_depth[valid].max() - gt_depth[valid].min())
-    err = (depth - gt_depth)[valid]
-    rmse_all = float(np.sqrt(np.mean(err ** 2)))
-    return {"psnr": float(np.mean(im["psnr"])), "ssim": float(np.mean(im["ssim"])), "d_rmse": rmse_all,
-            "d_rmse_per_image": float(np.nanmean(dm["d_rmse"])), "abs_rel": float(np.nanmean(dm["abs_rel"])),
-            "delta1": float(np.nanmean(dm["delta1"])), "depth_range": rng_m, "d_rmse_frac": rmse_all / rng_m}
+  evaluate = make_evaluator(task, batch)
 
   t0 = time.perf_counter()
   for i in range(1, args.steps + 1):
     params, opt, loss, m = step(params, opt, jax.random.key(i))
     if i % args.log_every == 0 or i == args.steps:
-      line = dict(step=i, loss=float(loss), sec=round(time.perf_counter() - t0, 1), **evaluate())
+      line = dict(step=i, loss=float(loss), sec=round(time.perf_counter() - t0, 1), **evaluate(params))
       print(json.dumps(line), flush=True)
   final = dict(line, bench="overfit_storm_vae", height=h, width=w, frames=t, views=args.views, novel=args.novel,
                lr=args.lr,

@@ -16,6 +16,7 @@ import pytest
 from flax.core import meta
 
 from _configs import storm_vae  # noqa: I100 (configs/ as a module)
+from benchmarks.overfit_storm_vae import make_evaluator
 from cvd_storm_jax import eval_storm
 from cvd_storm_jax.data_pipelines import conditions, synthetic
 from cvd_storm_jax.tasks import get_task
@@ -142,26 +143,14 @@ def test_overfit_reaches_psnr_and_depth_targets(env):
   tx = optax.chain(optax.clip_by_global_norm(3.0), optax.adam(optax.piecewise_constant_schedule(5e-3, {500: 0.2})))
   opt = tx.init(params)
   update = jax.jit(lambda g, o, p: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
-
-  @jax.jit
-  def render(params):
-    sel = task.select(batch, None)
-    out = task.forward(params, sel, None, decode=False)
-    return out["renders"]["rgb"], out["renders"]["depth"], sel["tgt_images"], sel["tgt_depth"]
-
-  def evaluate(params):
-    rgb, depth, gt, gt_depth = jax.device_get(render(params))
-    psnr = float(np.mean(eval_storm.image_metrics((rgb * 0.5 + 0.5).reshape((-1, H, W, 3)),
-                                                  (gt * 0.5 + 0.5).reshape((-1, H, W, 3)))["psnr"]))
-    lidar = gt_depth > 0.01
-    rmse = float(np.sqrt(np.mean((depth - gt_depth)[lidar] ** 2)))
-    return psnr, rmse / float(gt_depth[lidar].max() - gt_depth[lidar].min())
-
-  first = evaluate(params)
+  evaluate = make_evaluator(task, batch)  # benchmarks/overfit_storm_vae.py: the same metrics, one definition
+  before = evaluate(params)
+  first = before["psnr"], before["d_rmse_frac"]
   for i in range(600):
     (_, _), g = grad_fn(params, batch, jax.random.key(100 + i), 1.0, task.storm_lambda)
     params, opt = update(g, opt, params)
-  psnr, depth_frac = evaluate(params)
+  after = evaluate(params)
+  psnr, depth_frac = after["psnr"], after["d_rmse_frac"]
   print(f"overfit: PSNR {first[0]:.2f} -> {psnr:.2f} dB, depth RMSE {first[1]:.1%} -> {depth_frac:.1%} of range")
   assert psnr >= 28.0, (first, psnr)
   assert depth_frac < 0.05, (first, depth_frac)
