@@ -1,5 +1,5 @@
 # Sourced by the run_*_gpu.sh scripts: makes cvd_storm_jax (and the wheels the GPU image lacks, from .whl/) importable,
-# and defines find_anchor NAME, which prints the path of a peer's anchor script or nothing.
+# and defines find_anchor NAME, which prints the path of a peer's anchor script or nothing, and run_anchor, which runs it.
 # The package-dir mapping (kernels/ -> cvd_storm_jax.kernels) only exists once installed, hence the --target install.
 if ! python3 -c "import cvd_storm_jax.kernels, grain, ml_collections" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
@@ -17,4 +17,15 @@ find_anchor() {  # find_anchor FILE [ENV_OVERRIDE_PATH]
   for cand in "${2:-}" ".anchors/$1" "shared/tools/anchors/$1" "../shared/tools/anchors/$1" "/work/shared/tools/anchors/$1"; do
     if [ -n "$cand" ] && [ -f "$cand" ]; then echo "$cand"; return; fi
   done
+}
+
+run_anchor() {  # run_anchor FILE PATH_VARIABLE OUT_DIR LABEL: the peer's anchor script into OUT_DIR, if found
+  local anchor
+  anchor=$(find_anchor "$1" "${!2:-}")
+  if [ -n "$anchor" ]; then
+    echo "== $4 anchor: $anchor"
+    python3 "$anchor" "$3" || echo "$4 anchor failed (rc $?); our numbers follow without its ratios" >&2
+  else
+    echo "$1 not found (set $2); our numbers follow without $4 ratios" >&2
+  fi
 }

@@ -5,13 +5,7 @@ set -euo pipefail
 OUT_DIR=${1:-${OUT:-$(mktemp -d)}}
 mkdir -p "$OUT_DIR"
 source "$(dirname "$0")/gpu_env.sh"
-ANCHOR=$(find_anchor diffusers_mmdit_step.py "${MMDIT_ANCHOR:-}")
-if [ -n "$ANCHOR" ]; then
-  echo "== diffusers MM-DiT anchor: $ANCHOR"
-  python3 "$ANCHOR" "$OUT_DIR" || echo "anchor failed (rc $?)" >&2
-else
-  echo "diffusers_mmdit_step.py not found (set MMDIT_ANCHOR)" >&2
-fi
+run_anchor diffusers_mmdit_step.py MMDIT_ANCHOR "$OUT_DIR" "diffusers MM-DiT"
 echo "== cvd_storm_jax: the anchor's workload (spatial MM-DiT on 114 images)"
 python3 benchmarks/bench_dit.py --model sd3 | tee "$OUT_DIR/dit_sd3_ours.json"
 echo "== cvd_storm_jax: the full CVD-STORM DiT, one 19 x 6 clip"

@@ -14,14 +14,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 
 source "$(dirname "$0")/gpu_env.sh"
 
-ANCHOR=$(find_anchor gsplat_rasterize.py "${GSPLAT_ANCHOR:-}")
-
-if [ -n "$ANCHOR" ]; then
-  echo "== gsplat anchor: $ANCHOR"
-  python3 "$ANCHOR" "$OUT_DIR" || echo "gsplat anchor failed (rc $?); our numbers follow without gsplat ratios" >&2
-else
-  echo "gsplat_rasterize.py anchor not found (set GSPLAT_ANCHOR); our numbers follow without gsplat ratios" >&2
-fi
+run_anchor gsplat_rasterize.py GSPLAT_ANCHOR "$OUT_DIR" gsplat
 
 echo "== cvd_storm_jax rasterizer"
 python3 benchmarks/bench_rasterizer.py --gsplat-json "$OUT_DIR/gsplat_anchor.json" --out "$OUT_DIR/rasterizer_ours.json" \

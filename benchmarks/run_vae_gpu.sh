@@ -12,14 +12,7 @@ mkdir -p "$OUT_DIR"
 
 source "$(dirname "$0")/gpu_env.sh"
 
-ANCHOR=$(find_anchor diffusers_vae.py "${VAE_ANCHOR:-}")
-
-if [ -n "$ANCHOR" ]; then
-  echo "== diffusers anchor: $ANCHOR"
-  python3 "$ANCHOR" "$OUT_DIR" || echo "anchor failed (rc $?); our numbers follow without ratios" >&2
-else
-  echo "diffusers_vae.py anchor not found (set VAE_ANCHOR); our numbers follow without ratios" >&2
-fi
+run_anchor diffusers_vae.py VAE_ANCHOR "$OUT_DIR" "diffusers VAE"
 
 echo "== cvd_storm_jax VAE"
 python3 benchmarks/bench_vae.py --batch "${BATCH:-24}" --anchor "$OUT_DIR/vae_anchor.json" | tee "$OUT_DIR/vae_ours.json"
