@@ -135,12 +135,11 @@ def check_rasterizer(args) -> dict:
   """STORM-VAE scale (peer-anchors.md): 2.75 M Gaussians into 18 images of 256x448, 6 features + depth, forward and
   backward through the Pallas kernels, for each of the backward's reductions."""
   from cvd_storm_jax import kernels
-  from cvd_storm_jax.kernels import pallas_gpu
   n, k, h, w, c = 4 * 6 * 256 * 448, 18, 256, 448, 6
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   shapes = (f32(n, 3), f32(n, 4), f32(n, 3), f32(n), f32(n, c), f32(k, 4, 4), f32(k, 3, 3))
   result = {"part": "rasterizer", "gaussians": n, "images": k, "hw": [h, w], "features": c, "ok": True}
-  for reduction in pallas_gpu.BACKWARD_REDUCTIONS:
+  for reduction in kernels.PALLAS_REDUCTIONS:
     def loss(means, quats, scales, opacities, features, viewmats, ks):
       out = kernels.rasterize(means, quats, scales, opacities, features, viewmats, ks, w, h, backend="auto",
                               pallas_reduction=reduction)

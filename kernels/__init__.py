@@ -37,6 +37,7 @@ from .projection import Projected, project
 from .tiled_xla import Geometry, Intersections, Splats, count_intersections, default_capacity, intersect
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
+PALLAS_REDUCTIONS = ("quantities", "rows")  # how the Pallas backward sums over a tile's pixels (pallas_gpu)
 
 
 class RenderOutput(NamedTuple):
@@ -80,12 +81,14 @@ def rasterize(means, quats, scales, opacities, features, viewmats, Ks, width: in
   capacity: intersection buffer size of the tiled backends (default `default_capacity`); `chunk`: splats per
   compositing step (power of two for Pallas); `interpret`: Pallas interpreter (default: when not on GPU);
   `pallas_reduction`: how the Pallas backward sums each splat's gradient over a tile's pixels, "quantities" or
-  "rows" (`pallas_gpu.BACKWARD_REDUCTIONS`; same result, different speed).
+  "rows" (`PALLAS_REDUCTIONS`; same result, different speed; checked whatever the backend).
   """
   _check(means, quats, scales, opacities, features, viewmats, Ks, background)
   backend = resolve_backend(backend)
   if backend == "pallas" and interpret is None:
     interpret = jax.default_backend() != "gpu"
+  if pallas_reduction not in PALLAS_REDUCTIONS:
+    raise ValueError(f"rasterize: pallas_reduction={pallas_reduction!r}, expected one of {PALLAS_REDUCTIONS}")
   if backend == "pallas" and chunk & (chunk - 1):
     raise ValueError(f"rasterize: chunk={chunk} must be a power of two for the Pallas backend")
   return _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, background, width=int(width),
@@ -138,5 +141,5 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
   return RenderOutput(f, d, 1.0 - t, overflow)
 
 
-__all__ = ["RenderOutput", "rasterize", "resolve_backend", "project", "Projected", "Geometry", "Intersections",
-           "Splats", "intersect", "count_intersections", "default_capacity", "projection", "reference", "tiled_xla"]
+__all__ = ["RenderOutput", "rasterize", "PALLAS_REDUCTIONS", "resolve_backend", "project", "Projected", "Geometry",
+           "Intersections", "Splats", "intersect", "count_intersections", "default_capacity", "projection", "reference", "tiled_xla"]

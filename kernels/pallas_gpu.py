@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import PALLAS_REDUCTIONS
 from . import projection as pj
 from .tiled_xla import Geometry, Intersections, Splats, make_composite
 
@@ -143,7 +144,7 @@ def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
 def _bwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_ref, z_ref, f_ref,
                 t_fin_ref, stop_ref, gf_ref, gd_ref, gt_ref, *rest, geom: Geometry, reduction: str):
   # The sum of each splat's gradient over the tile's 256 pixels is the kernel's main cost besides the maths. Two
-  # ways (BACKWARD_REDUCTIONS; which is faster is for the GPU benchmark to say):
+  # ways (PALLAS_REDUCTIONS; which is faster is for the GPU benchmark to say):
   # - "quantities": each of the 7 splat quantities reduced on its own, the features as one [256, Cp] block (8 block
   #   reductions per splat); written to 8 buffers: d mean x, d mean y, d conic a, b, c, d opacity, d depth [M'],
   #   d features [M', Cp]. rest = 8 aliased zero inputs, then those 8 outputs.
@@ -234,7 +235,6 @@ def pallas_forward(splats: Splats, isect: Intersections, geom: Geometry, interpr
 
 
 _GRAD_FEAT = 8  # "rows": first feature column of the gradient rows (7 splat quantities before it, one spare)
-BACKWARD_REDUCTIONS = ("quantities", "rows")
 
 
 def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, t_fin, stop_at, g_f, g_d, g_t,
@@ -272,13 +272,12 @@ def pallas_backward(splats: Splats, isect: Intersections, geom: Geometry, t_fin,
 _composites = {
     (flag, reduction): make_composite(functools.partial(pallas_forward, interpret=flag),
                                       functools.partial(pallas_backward, interpret=flag, reduction=reduction))
-    for flag in (False, True) for reduction in BACKWARD_REDUCTIONS
+    for flag in (False, True) for reduction in PALLAS_REDUCTIONS
 }
 
 
 def composite_pallas(splats: Splats, isect: Intersections, geom: Geometry, interpret: bool,
                      reduction: str = "quantities"):
-  """Differentiable (F [n_tiles, P, C], D [n_tiles, P], T [n_tiles, P]) through the Pallas kernels."""
-  if reduction not in BACKWARD_REDUCTIONS:
-    raise ValueError(f"pallas backward reduction {reduction!r}, expected one of {BACKWARD_REDUCTIONS}")
+  """Differentiable (F [n_tiles, P, C], D [n_tiles, P], T [n_tiles, P]) through the Pallas kernels; `reduction` one
+  of PALLAS_REDUCTIONS."""
   return _composites[(bool(interpret), reduction)](splats, isect, geom)

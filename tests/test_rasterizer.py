@@ -395,3 +395,5 @@ def test_bad_inputs_raise():
     K.rasterize(*s, W, H, background=jnp.zeros(4))
   with pytest.raises(ValueError, match="backend"):
     K.rasterize(*s, W, H, backend="cuda")
+  with pytest.raises(ValueError, match="pallas_reduction"):
+    K.rasterize(*s, W, H, backend="xla", pallas_reduction="row")
