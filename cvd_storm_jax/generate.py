@@ -100,74 +100,115 @@ def mosaic(frames: np.ndarray, rows: int = 2) -> np.ndarray:
   return grid.transpose(0, 1, 3, 2, 4, 5).reshape(t, rows * h, cols * w, c)
 
 
+class ClipSampler:
+  """Samples latent clips for device batches of a DiT task. The jitted window function is built once and reused for
+  every batch of the same shapes (generate: one batch; eval_dit: many).
+
+  ``__call__(params, batch, ...)`` -> latents [B, num_frames, V, h, w, C] (numpy, fp32): classifier-free guidance on a
+  doubled batch whose unconditional half is the task's condition drop (empty text, grey layouts, same cameras and
+  references); clips longer than ``window`` frames are generated autoregressively, carrying ``reference_frames``
+  latents between windows; with ``ground_truth_reference`` the first window predicts from the clip's own first
+  ``reference_frames`` frames (video prediction, OpenDWM's evaluation protocol).
+  """
+
+  def __init__(self, task: Any, *, num_steps: int = 40, guidance: float = 4.0):
+    import jax
+    import jax.numpy as jnp
+
+    from cvd_storm_jax.diffusion import sampler
+    self.task, self.num_steps, self.guidance = task, int(num_steps), float(guidance)
+    shift = float(task.config.diffusion.shift)
+
+    @jax.jit
+    def run_window(params, wbatch, noise, reference):
+      batch_size = noise.shape[0]
+      doubled = {key: jnp.concatenate([v, v]) for key, v in wbatch.items()}
+
+      def velocity_fn(x, timesteps, uncond):
+        cond = doubled if x.shape[0] == 2 * batch_size else wbatch
+        false = jnp.zeros((x.shape[0],), bool)
+        return task.forward(params, cond, x, timesteps, uncond, uncond, uncond, false, false)
+
+      return sampler.sample(velocity_fn, noise, num_steps=self.num_steps, shift=shift, guidance=self.guidance,
+                            reference=reference)
+
+    self._run_window = run_window
+
+  def plan(self, total_frames: int, *, num_frames: int = 0, window: int = 0, reference_frames: int = 3,
+           ground_truth_reference: bool = False) -> tuple[int, int, int, list[int]]:
+    """Validates a request against clips of ``total_frames`` frames -> (num_frames, window, k, window starts)."""
+    from cvd_storm_jax.diffusion import sampler
+    num_frames = num_frames or total_frames
+    if num_frames > total_frames:
+      raise ValueError(f"--num_frames={num_frames} but the data pipeline's clips have {total_frames} frames: raise "
+                       f"--config.data.num_frames (conditions for every generated frame come from the data)")
+    window = window or min(19, num_frames)
+    # One window generated from scratch carries nothing, so any --reference_frames is fine there.
+    k = reference_frames if (num_frames > window or ground_truth_reference) else 0
+    if ground_truth_reference and k == 0:
+      raise ValueError("--ground_truth_reference needs --reference_frames > 0")
+    starts = sampler.window_starts(num_frames, window=window, num_reference=k)  # validates the length early
+    return num_frames, window, k, starts
+
+  def __call__(self, params: Any, batch: Mapping[str, Any], *, num_frames: int = 0, window: int = 0,
+               reference_frames: int = 3, ground_truth_reference: bool = False, seed: int = 0) -> np.ndarray:
+    import jax
+    import jax.numpy as jnp
+
+    from cvd_storm_jax.diffusion import sampler
+    task = self.task
+    B, T, V, h, w, C = task._latent_shape(batch)
+    num_frames, window, k, _ = self.plan(T, num_frames=num_frames, window=window, reference_frames=reference_frames,
+                                         ground_truth_reference=ground_truth_reference)
+    batch = {key: jnp.asarray(v) for key, v in slice_frames(batch, 0, num_frames).items()}
+    rng_noise, rng_ref = jax.random.split(jax.random.key(seed))
+    noise = jax.random.normal(rng_noise, (B, num_frames, V, h, w, C), jnp.float32)
+    first_ref = None
+    if ground_truth_reference:
+      # The clip's own first k frames (OpenDWM: generate_frames_for_reference = false), encoded with the posterior
+      # mode as OpenDWM's pipeline does (latent_dist.mode()), not the training-time posterior sample.
+      first = slice_frames(batch, 0, k)
+      if task.config.latents.kind == "vae":
+        images = first["images"].astype(jnp.float32) / 127.5 - 1.0
+        mean, _ = task.vae.encode_chunked(params["vae"], images.reshape((-1,) + images.shape[3:]),
+                                          int(task.config.latents.get("chunk", 12)))
+        first_ref = task.vae.to_model_latents(mean).reshape(images.shape[:3] + mean.shape[1:])
+      else:
+        first_ref = task._latents(params, first, rng_ref)
+
+    def sample_window(start, noise_w, ref):
+      log.info("window at frame %d (%d frames, %s references)", start, window, 0 if ref is None else ref.shape[1])
+      return self._run_window(params, slice_frames(batch, start, start + window), noise_w, ref)
+
+    return np.asarray(sampler.autoregressive(sample_window, noise, window=window, num_reference=k,
+                                             reference=first_ref))
+
+
 def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40, guidance: float = 4.0,
              num_frames: int = 0, window: int = 0, reference_frames: int = 3, ground_truth_reference: bool = False,
              seed: int = 0, vae_from: str = "", storm_vae_config: Any = None, storm_vae_params: str = "",
              params: Any = None) -> dict[str, Any]:
   """Generates one batch of clips and writes the outputs listed in the module docstring. Returns a summary dict."""
-  import jax
-  import jax.numpy as jnp
-
   from cvd_storm_jax import tasks
   from cvd_storm_jax.data_pipelines import pipeline
-  from cvd_storm_jax.diffusion import sampler
 
   if config.task != "dit":
     raise ValueError(f"generate needs a DiT config (config.task='dit'), got {config.task!r}")
   task = tasks.get_task(config)
   host = next(pipeline.make_iterator(config.data, seed=config.seed))
   batch = task.device_batch(host)
-  B, T, V, h, w, C = task._latent_shape(batch)
-  num_frames = num_frames or T
-  if num_frames > T:
-    raise ValueError(f"--num_frames={num_frames} but the data pipeline's clips have {T} frames: raise "
-                     f"--config.data.num_frames (conditions for every generated frame come from the data)")
-  window = window or min(19, num_frames)
-  # One window generated from scratch carries nothing, so any --reference_frames is fine there.
-  k = reference_frames if (num_frames > window or ground_truth_reference) else 0
-  starts = sampler.window_starts(num_frames, window=window, num_reference=k)  # validates the length early
+  _, T, _, _, _, C = task._latent_shape(batch)
+  clip_sampler = ClipSampler(task, num_steps=num_steps, guidance=guidance)
+  num_frames, window, k, starts = clip_sampler.plan(
+      T, num_frames=num_frames, window=window, reference_frames=reference_frames,
+      ground_truth_reference=ground_truth_reference)
   if storm_vae_params:
     _storm_task(storm_vae_config, num_frames, C)  # fail before sampling, not after
-  batch = {key: jnp.asarray(v) for key, v in slice_frames(batch, 0, num_frames).items()}
   if params is None:
     params = load_checkpoint_params(checkpoint)
-
-  @jax.jit
-  def run_window(params, wbatch, noise, reference):
-    doubled = {key: jnp.concatenate([v, v]) for key, v in wbatch.items()}
-
-    def velocity_fn(x, timesteps, uncond):
-      cond = doubled if x.shape[0] == 2 * B else wbatch
-      false = jnp.zeros((x.shape[0],), bool)
-      # The unconditional branch is DiTTask's condition drop: empty text, grey layouts, same cameras/references.
-      return task.forward(params, cond, x, timesteps, uncond, uncond, uncond, false, false)
-
-    return sampler.sample(velocity_fn, noise, num_steps=num_steps, shift=float(config.diffusion.shift),
-                          guidance=float(guidance), reference=reference)
-
-  rng_noise, rng_ref = jax.random.split(jax.random.key(seed))
-  noise = jax.random.normal(rng_noise, (B, num_frames, V, h, w, C), jnp.float32)
-  first_ref = None
-  if ground_truth_reference:
-    if k == 0:
-      raise ValueError("--ground_truth_reference needs --reference_frames > 0")
-    # The clip's own first k frames (OpenDWM: generate_frames_for_reference = false), encoded with the posterior
-    # mode as OpenDWM's pipeline does (latent_dist.mode()), not the training-time posterior sample.
-    first = slice_frames(batch, 0, k)
-    if config.latents.kind == "vae":
-      images = first["images"].astype(jnp.float32) / 127.5 - 1.0
-      mean, _ = task.vae.encode_chunked(params["vae"], images.reshape((-1,) + images.shape[3:]),
-                                        int(config.latents.get("chunk", 12)))
-      first_ref = task.vae.to_model_latents(mean).reshape(images.shape[:3] + mean.shape[1:])
-    else:
-      first_ref = task._latents(params, first, rng_ref)
-
-  def sample_window(start, noise_w, ref):
-    log.info("window at frame %d (%d frames, %s references)", start, window, 0 if ref is None else ref.shape[1])
-    return run_window(params, slice_frames(batch, start, start + window), noise_w, ref)
-
-  latents = np.asarray(sampler.autoregressive(sample_window, noise, window=window, num_reference=k,
-                                              reference=first_ref))
+  latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
+                         ground_truth_reference=ground_truth_reference, seed=seed)
+  B, V = latents.shape[0], latents.shape[2]
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, "latents.npy"), latents)
   fps = float(np.asarray(host["fps"]).reshape(-1)[0]) if "fps" in host else 5.0
