@@ -69,12 +69,10 @@ class FeatureStats:
     import jax
     if jax.process_count() == 1:
       return self
-    from jax.experimental import multihost_utils
-    count, total, outer = multihost_utils.process_allgather(
-        (np.asarray([self.count], np.float64), self.total, self.outer))
     out = FeatureStats(self.dim, self.protocol)
-    out.count = int(np.asarray(count).sum())
-    out.total, out.outer = np.asarray(total).sum(axis=0), np.asarray(outer).sum(axis=0)
+    out.count = int(_allgather_float64(np.asarray([self.count], np.float64)).sum())
+    out.total = _allgather_float64(self.total).sum(axis=0)
+    out.outer = _allgather_float64(self.outer).sum(axis=0)
     return out
 
   def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +92,15 @@ class FeatureStats:
       out = cls(z["total"].shape[0], json.loads(str(z["protocol"])))
       out.count, out.total, out.outer = int(z["count"]), z["total"].astype(np.float64), z["outer"].astype(np.float64)
     return out
+
+
+def _allgather_float64(x: np.ndarray) -> np.ndarray:
+  """[...] float64 of every process -> [process_count, ...], bit-exact: JAX computes in float32 unless x64 is enabled,
+  so the doubles travel as pairs of int32 and are viewed back."""
+  from jax.experimental import multihost_utils
+  x = np.ascontiguousarray(x, np.float64)
+  bits = np.asarray(multihost_utils.process_allgather(x.view(np.int32)))
+  return np.ascontiguousarray(bits).view(np.float64).reshape((bits.shape[0],) + x.shape)
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:

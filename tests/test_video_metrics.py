@@ -66,6 +66,27 @@ def test_feature_stats_accumulate_merge_save_and_refuse_bad_input(tmp_path):
     whole.merged(vm.FeatureStats(4))
 
 
+def test_all_processes_sums_exactly_through_int32(monkeypatch):
+  """Two processes, simulated: every process's sums arrive bit-exact (JAX would round float64 to float32) and add."""
+  import jax
+  from jax.experimental import multihost_utils
+  seen = []
+
+  def fake_allgather(x):
+    seen.append(np.asarray(x).dtype)
+    return np.stack([np.asarray(x), np.asarray(x)])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+  x = np.random.default_rng(3).standard_normal((7, 3)) * 1e6 + 1e-6
+  one = vm.FeatureStats(3).update(x)
+  both = one.all_processes()
+  assert set(seen) == {np.dtype(np.int32)}
+  assert both.count == 14
+  np.testing.assert_array_equal(both.total, 2 * one.total)
+  np.testing.assert_array_equal(both.outer, 2 * one.outer)
+
+
 def test_frame_and_clip_selection_follow_views_and_masks():
   B, T, V, H, W = 2, 12, 3, 4, 5
   video = np.arange(B * T * V * H * W * 3, dtype=np.int64).reshape(B, T, V, H, W, 3)
