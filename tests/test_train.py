@@ -15,15 +15,18 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.core import meta
 
-from _configs import REPO, dit  # noqa: I100 (configs/ as a module)
+from _configs import REPO, dit, small_dit_config  # noqa: I100 (configs/ as a module)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax import sharding, tasks
 from cvd_storm_jax.data_pipelines import pipeline
 
 
 
-def tiny_config(**data_overrides):
-  c = dit.get_config("tiny")
+def tiny_config(*, small_model: bool = True, **data_overrides):
+  """configs/dit.py:tiny for the trainer tests. By default with ``small_dit_config``'s two-layer model (every block
+  kind present) and one 2-frame 32x64 clip per batch: the trainer's logic does not depend on the size, compile and
+  step time do. Data keys (batch_size, ...) are overridable."""
+  c = small_dit_config() if small_model else dit.get_config("tiny")
   c.progress_bar = False
   c.checkpoint.async_save = False
   for k, v in data_overrides.items():
@@ -77,7 +80,7 @@ def _losses(workdir):
 
 def test_tiny_model_overfits_one_clip(tmp_path):
   # One small clip (2 frames x 6 views at 32x64) keeps the 2-core CPU run short.
-  config = tiny_config(num_clips=1, batch_size=1, num_frames=2, buckets=[(32, 64, 1.0)])
+  config = tiny_config(small_model=False, num_clips=1, batch_size=1, num_frames=2, buckets=[(32, 64, 1.0)])
   config.num_devices = 1
   c = config.conditioning
   c.text_drop = c.box_drop = c.map_drop = c.crossview_drop = 0.0
@@ -201,7 +204,7 @@ def test_optimizer_state_shardings_follow_params_through_masks():
 def test_frozen_vae_encoder_stays_fixed_in_training(tmp_path):
   """latents.kind=vae: the trainer's multi_transform leaves the VAE encoder exactly as initialised."""
   from cvd_storm_jax import train as train_mod
-  config = tiny_config(batch_size=1, num_frames=2, buckets=[(32, 64, 1.0)])
+  config = tiny_config()
   config.num_devices = 1
   config.total_steps, config.log_every, config.checkpoint.every_steps = 2, 1, 1
   config.latents.kind = "vae"
