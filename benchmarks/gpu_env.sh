@@ -1,5 +1,6 @@
 # Sourced by the run_*_gpu.sh scripts: makes cvd_storm_jax (and the wheels the GPU image lacks, from .whl/) importable,
-# and defines find_anchor NAME, which prints the path of a peer's anchor script or nothing, and run_anchor, which runs it.
+# and defines find_anchor NAME, which prints the path of a peer's anchor script or nothing, and run_anchor, which runs
+# it.
 # The package-dir mapping (kernels/ -> cvd_storm_jax.kernels) only exists once installed, hence the --target install.
 if ! python3 -c "import cvd_storm_jax.kernels, grain, ml_collections" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then

@@ -164,7 +164,8 @@ def main(argv):
   summary = evaluate(f.config, f.checkpoint, f.out, num_batches=f.num_batches, num_steps=f.num_steps,
                      guidance=f.guidance, reference_frames=f.reference_frames,
                      ground_truth_reference=f.ground_truth_reference, num_frames=f.num_frames, window=f.window,
-                     fvd_frames=f.fvd_frames, metrics=[m for m in f.metrics if m], inception_weights=f.inception_weights,
+                     fvd_frames=f.fvd_frames, metrics=[m for m in f.metrics if m],
+                     inception_weights=f.inception_weights,
                      i3d_weights=f.i3d_weights, vae_from=f.vae_from, real_stats=f.real_stats, seed=f.seed)
   print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_protocol")}), flush=True)
 

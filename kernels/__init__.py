@@ -142,4 +142,5 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
 
 
 __all__ = ["RenderOutput", "rasterize", "PALLAS_REDUCTIONS", "resolve_backend", "project", "Projected", "Geometry",
-           "Intersections", "Splats", "intersect", "count_intersections", "default_capacity", "projection", "reference", "tiled_xla"]
+           "Intersections", "Splats", "intersect", "count_intersections", "default_capacity", "projection", "reference",
+           "tiled_xla"]

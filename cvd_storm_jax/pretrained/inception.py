@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvd_storm_jax.models.inception import InceptionV3
-from cvd_storm_jax.pretrained.common import Rule, WeightImportError, conv, convert, copy, linear, read_torch_state
+from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, conv, convert, copy, linear, read_torch_state,
+                                             variable_shapes)
 
 # A conv-bn unit sits at the top level (``Conv2d_1a_3x3``) or inside a mixed block (``Mixed_5b.branch1x1``).
 _UNITS = ((r"(\w+)", r"\1"), (r"(\w+)\.(\w+)", r"\1/\2"))
@@ -63,7 +64,7 @@ def load_inception(path: str, dtype: Any = jnp.float32,
   except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
     raise WeightImportError(f"{path}: not a torch state dict ({type(e).__name__}: {e})") from e
   module = InceptionV3(dtype=dtype, param_dtype=param_dtype)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+  shapes = variable_shapes(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
   what = f"InceptionV3 weights ({path})"
   # Two collections, one check each: the running statistics go to "batch_stats", everything else to "params"; a key
   # that fits neither (or a tensor either one lacks) is reported by the `convert` call that sees it.
