@@ -3,6 +3,8 @@
   python benchmarks/bench_dit.py                 # paper size: SD3.5-medium CVD DiT, 19 frames x 6 views, 32x56 latents
   python benchmarks/bench_dit.py --model sd3     # the spatial MM-DiT alone on 114 images (diffusers anchor's workload)
   python benchmarks/bench_dit.py --tiny          # CPU smoke run
+  python benchmarks/bench_dit.py --remat full    # a fixed remat policy instead of the fastest that fits ("auto")
+  python benchmarks/bench_dit.py --plan          # no run: memory and recomputation of each remat policy (any CPU)
 
 Prints one JSON line. "model FLOPs" are analytic (cvd_dit.flops_per_clip: every matmul incl. attention, forward x3,
 no recomputation), the same definition as the diffusers anchor's FlopCounterMode count. The ceiling is a plain
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import meta
 
+from cvd_storm_jax import memory
 from cvd_storm_jax.models import cvd_dit, mmdit
 from timing import timed  # benchmarks/timing.py
 
@@ -28,6 +31,23 @@ def matmul_tflops(n: int, repeats: int) -> float:
   return 2 * n ** 3 / timed(f, x, repeats=repeats) / 1e12
 
 
+def plan(build, loss_of, inputs, tx, model_flops: float, key) -> None:
+  """Prints one JSON line per remat policy: memory and recomputation at this size, without allocating or running."""
+  from check_gpu_lowering import pretend_gpu  # benchmarks/check_gpu_lowering.py
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
+  params = jax.eval_shape(lambda k, *x: meta.unbox(build("full").init(k, *x))["params"], key, *abstract)
+  state = memory.train_state_bytes(params, jax.eval_shape(tx.init, params))
+  for policy in ("none",) + memory.POLICY_PREFERENCE:
+    loss = loss_of(build(policy))
+    with pretend_gpu():  # the attention's residuals as cuDNN keeps them
+      kept = memory.saved_activation_bytes(loss, params, *abstract)
+    # XLA's count of the lowered step (the CPU lowering: cuDNN custom calls would count as no FLOPs).
+    step_flops = jax.jit(jax.grad(loss)).lower(params, *abstract).cost_analysis()["flops"]
+    print(json.dumps({"remat": policy, "activations_gb": round(kept / 2 ** 30, 2),
+                      "state_gb": round(state / 2 ** 30, 2), "total_gb": round((kept + state) / 2 ** 30, 2),
+                      "step_flops_over_model_flops": round(step_flops / model_flops, 3)}), flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", choices=["cvd", "sd3"], default="cvd")
@@ -36,12 +56,17 @@ def main():
   ap.add_argument("--views", type=int, default=6)
   ap.add_argument("--latent-hw", type=int, nargs=2, default=(32, 56))
   ap.add_argument("--text-len", type=int, default=154)
-  ap.add_argument("--remat", default="full", help="none | full | dots_saveable | dots_with_no_batch_dims_saveable")
+  ap.add_argument("--remat", default="auto", choices=("auto",) + mmdit.REMAT_POLICIES,
+                  help="auto: the least recomputation whose estimate fits the device (cvd_storm_jax.memory); if the "
+                       "step still runs out of memory, the next policy of memory.POLICY_PREFERENCE")
+  ap.add_argument("--memory-gib", type=float, default=0.0, help="budget for --remat auto (0: the device's limit)")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--plan", action="store_true",
+                  help="run nothing: per remat policy, the activations kept (GiB, cuDNN attention as on a GPU) and "
+                       "XLA's FLOP count of the step over the model FLOPs (the recomputation), from tracing alone")
   args = ap.parse_args()
 
   cfg = cvd_dit.default_model_config("tiny" if args.tiny else "sd35_medium")
-  cfg.remat_policy = args.remat
   cfg.dtype = "bfloat16"
   T, V = (2, 2) if args.tiny else (args.frames, args.views)
   h, w = (8, 8) if args.tiny else args.latent_hw
@@ -49,7 +74,7 @@ def main():
   C = cfg.in_channels
   key = jax.random.key(0)
   if args.model == "cvd":
-    model = cvd_dit.CVDDiT(**cfg)
+    build = lambda policy: cvd_dit.CVDDiT(**dict(cfg, remat_policy=policy))
     inputs = (jnp.zeros((1, T, V, h, w, C)), jnp.full((1, T, V), 500.0),
               jnp.zeros((1, T, V, L, cfg.joint_attention_dim)), jnp.zeros((1, T, V, cfg.pooled_projection_dim)),
               jnp.zeros((1, T, V, 8 * h, 8 * w, 6)), jnp.zeros((1, T, V, 11)),
@@ -57,41 +82,70 @@ def main():
     flops = 3 * cvd_dit.flops_per_clip(cfg, T, V, h, w, L)
     tokens = T * V * (h // cfg.patch_size) * (w // cfg.patch_size)
   else:
-    model = mmdit.SD3Transformer(**{k: v for k, v in cfg.items() if k in mmdit.SD3Transformer.__dataclass_fields__})
+    sd3_keys = mmdit.SD3Transformer.__dataclass_fields__
+    build = lambda policy: mmdit.SD3Transformer(**{k: v for k, v in dict(cfg, remat_policy=policy).items()
+                                                   if k in sd3_keys})
     B = T * V
     inputs = (jnp.zeros((B, h, w, C)), jnp.full((B,), 500.0), jnp.zeros((B, L, cfg.joint_attention_dim)),
               jnp.zeros((B, cfg.pooled_projection_dim)))
     flops = 3 * mmdit.flops_per_image(cfg, h, w, L) * B
     tokens = B * (h // cfg.patch_size) * (w // cfg.patch_size)
 
-  params = jax.jit(lambda k: meta.unbox(model.init(k, *inputs))["params"])(key)
+  def loss_of(model):
+    return lambda p, *x: jnp.mean(jnp.square(model.apply({"params": p}, *x).astype(jnp.float32)))
+
   tx = optax.adamw(1e-5)
+  if args.plan:
+    plan(build, loss_of, inputs, tx, flops, key)
+    return
+  params = jax.jit(lambda k: meta.unbox(build("full").init(k, *inputs))["params"])(key)
   opt = jax.jit(tx.init)(params)
+  state_bytes = memory.train_state_bytes(params, opt)
+  activation_bytes = lambda policy: memory.saved_activation_bytes(loss_of(build(policy)), params, *inputs)
+  budget = int(args.memory_gib * 2 ** 30) or memory.device_memory_bytes()
+  measured = {}
+  if args.remat == "auto":
+    first, measured = memory.choose_remat_policy(activation_bytes, state_bytes, budget)
+    candidates = memory.POLICY_PREFERENCE[memory.POLICY_PREFERENCE.index(first):]
+  else:
+    candidates = (args.remat,)
 
-  def step(params, opt, inputs):
-    def loss(p):
-      return jnp.mean(jnp.square(model.apply({"params": p}, *inputs).astype(jnp.float32)))
-    l, g = jax.value_and_grad(loss)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), opt, l
-
-  step = jax.jit(step, donate_argnums=(0, 1))
   state = {"p": params, "o": opt}
+  for policy in candidates:
+    loss = loss_of(build(policy))
 
-  def run(inputs):
-    state["p"], state["o"], l = step(state["p"], state["o"], inputs)
-    return l
+    def step(params, opt, inputs):
+      l, g = jax.value_and_grad(loss)(params, *inputs)
+      u, opt = tx.update(g, opt, params)
+      return optax.apply_updates(params, u), opt, l
 
-  sec = timed(run, inputs, repeats=args.repeats)
+    step = jax.jit(step, donate_argnums=(0, 1))
+
+    def run(inputs):
+      state["p"], state["o"], l = step(state["p"], state["o"], inputs)
+      return l
+
+    try:
+      sec = timed(run, inputs, repeats=args.repeats)
+      break
+    except Exception as e:  # XlaRuntimeError: its class moved between jax releases; the message says what it was
+      if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower() or policy == candidates[-1]:
+        raise
+      print(f"remat {policy}: out of memory ({str(e).splitlines()[0][:200]}); trying the next policy", flush=True)
+      if any(x.is_deleted() for x in jax.tree.leaves(state)):  # donated into the failed call: rebuild the state
+        state["p"] = jax.jit(lambda k: meta.unbox(build("full").init(k, *inputs))["params"])(key)
+        state["o"] = jax.jit(tx.init)(state["p"])
   mm = matmul_tflops(1024 if args.tiny else 8192, repeats=args.repeats)
   stats = jax.devices()[0].memory_stats() or {}
   tflops = flops / sec / 1e12
   print(json.dumps({
       "bench": "dit_train_step", "model": args.model, "device": jax.devices()[0].device_kind,
       "params": sum(x.size for x in jax.tree.leaves(params)), "frames": T, "views": V, "latent_hw": [h, w],
-      "text_len": L, "remat": args.remat, "step_s": round(sec, 4), "tokens_per_s": round(tokens / sec, 1),
-      "model_flops_per_step": flops, "model_tflops_per_s": round(tflops, 2),
+      "text_len": L, "remat": policy, "remat_asked": args.remat, "step_s": round(sec, 4),
+      "tokens_per_s": round(tokens / sec, 1), "model_flops_per_step": flops, "model_tflops_per_s": round(tflops, 2),
       "bf16_matmul_tflops": round(mm, 1), "mfu_vs_matmul": round(tflops / mm, 4),
+      "estimate_gb": round((state_bytes + (measured.get(policy) or activation_bytes(policy))) / 2 ** 30, 2),
+      "budget_gb": round(budget / 2 ** 30, 2) if budget else None,
       "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2)}))
 
 

@@ -163,14 +163,17 @@ def with_compiled_kernels(result: dict, modules, args) -> dict:
   return result
 
 
-def lower_dit(size: str, frames: int, views: int, latent_hw: tuple[int, int], text_len: int) -> dict:
-  """Lowers the CVD DiT's bf16 forward + backward for CUDA. Returns the parameter count, the custom calls found and
-  the number of attention layers of the config (each must be one cuDNN backward call)."""
+def lower_dit(size: str, frames: int, views: int, latent_hw: tuple[int, int], text_len: int,
+              remat: str = "save_out_proj") -> dict:
+  """Lowers the CVD DiT's bf16 forward + backward for CUDA with a remat policy (the default is the one bench_dit's
+  "auto" takes for this model on an H200). Returns the parameter count, the custom calls found and the number of
+  attention layers of the config (each must be one cuDNN backward call)."""
   from flax.core import meta
 
   from cvd_storm_jax.models import cvd_dit
   cfg = cvd_dit.default_model_config(size)
   cfg.dtype = "bfloat16"
+  cfg.remat_policy = remat
   model = cvd_dit.CVDDiT(**cfg)
   t, v, (h, w), length = frames, views, latent_hw, text_len
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -186,8 +189,8 @@ def lower_dit(size: str, frames: int, views: int, latent_hw: tuple[int, int], te
   found = custom_calls(export_for_cuda(jax.grad(loss), params, *inputs))
   layers = (cfg.num_layers + len(cfg.dual_attention_layers) + len(cfg.temporal_layers) + len(cfg.crossview_layers))
   cudnn_bwd = sum(n for name, n in found.items() if name.startswith("__cudnn") and name.endswith("Backward"))
-  return {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "custom_calls": found,
-          "attention_layers": layers, "cudnn_backward_calls": cudnn_bwd}
+  return {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "remat": remat,
+          "custom_calls": found, "attention_layers": layers, "cudnn_backward_calls": cudnn_bwd}
 
 
 def check_dit(args) -> dict:

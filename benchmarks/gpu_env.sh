@@ -13,6 +13,10 @@ if ! python3 -c "import cvd_storm_jax.kernels, grain, ml_collections" 2>/dev/nul
   export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
 
+# JAX takes 75 % of the card by default; the benchmarks run alone, and bench_dit's "--remat auto" sizes its policy by
+# the allocator's limit, so let it have more (the torch anchors run in their own processes, one after another).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+
 find_anchor() {  # find_anchor FILE [ENV_OVERRIDE_PATH]
   local cand
   for cand in "${2:-}" ".anchors/$1" "shared/tools/anchors/$1" "../shared/tools/anchors/$1" "/work/shared/tools/anchors/$1"; do

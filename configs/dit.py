@@ -84,6 +84,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 1.0
 
   c.num_devices = 0  # 0 = every device (all hosts); N = only the first N (single-host debugging)
+  # model.remat_policy "auto" (the paper recipe's) picks the least recomputation that fits this many GiB per device;
+  # 0 = what the device's allocator may take (set XLA_PYTHON_CLIENT_MEM_FRACTION=.9 on GPUs: JAX's default is .75).
+  c.memory_budget_gib = 0.0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})
   c.sharding_rules = sharding.default_rules()

@@ -54,6 +54,50 @@ def _optimizer(opt_cfg: Any, total_steps: int, trainable_mask: Any):
   return tx, lr
 
 
+def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: Any, abstract_params: Any,
+                          abstract_opt: Any, param_shardings: Any, opt_shardings: Any) -> str:
+  """config.model.remat_policy = "auto": the least-recomputing policy whose per-device memory fits (memory.py).
+
+  Per device: the state as sharded (params, gradients, optimizer moments) plus the activations the backward pass
+  keeps, measured by tracing the task's loss at the global batch and divided by the data-parallel size (the batch
+  is split over data x fsdp; tensor parallelism, not counted, only lowers it). The budget is the allocator's limit
+  of the first device, or config.memory_budget_gib when set.
+  """
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from cvd_storm_jax import memory, sharding, tasks
+
+  def per_device(tree, shardings):
+    return sum(int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+  state_bytes = 2 * per_device(abstract_params, param_shardings) + per_device(abstract_opt, opt_shardings)
+  budget = int(config.get("memory_budget_gib", 0) * 2 ** 30) or memory.device_memory_bytes(mesh.devices.flat[0])
+  if not budget:
+    log.warning("remat_policy=auto: the device reports no memory limit and config.memory_budget_gib is 0; using "
+                "'full'")
+    return "full"
+  dp = sharding.data_parallel_size(mesh)
+  rng, step = jax.random.key(0), np.int32(0)
+
+  def activation_bytes(policy):
+    trial = config.copy_and_resolve_references()
+    with trial.unlocked():
+      trial.model.remat_policy = policy
+    task = tasks.get_task(trial)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      total = memory.saved_activation_bytes(lambda p, b: task.loss_fn(p, b, rng, step)[0], abstract_params,
+                                            abstract_batch)
+    return total // dp
+
+  policy, measured = memory.choose_remat_policy(activation_bytes, state_bytes, budget)
+  log.info("remat_policy auto -> %s (per device: state %.1f GiB, activations %.1f GiB, budget %.1f GiB)", policy,
+           state_bytes / 2 ** 30, measured[policy] / 2 ** 30, budget / 2 ** 30)
+  return policy
+
+
 def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Runs (or resumes) training; returns the last logged metrics. ``main`` wraps it.
 
@@ -128,10 +172,24 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   tx, lr_schedule = _optimizer(config.optimizer, config.total_steps, trainable)
   # Optimizer moments follow their params' shardings; counts and scalars are replicated.
   repl = sharding.replicated(mesh)
-  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_shardings,
-                                       repl)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = sharding.like_params(abstract_opt, abstract_params, param_shardings, repl)
   state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
                      "nonfinite_total": repl, "nonfinite_run": repl}
+
+  # ------------------------------------------------------------------------------------------------------------------
+  # Remat policy: "auto" becomes the least recomputation that fits the device (measured by tracing, before compiling).
+  # ------------------------------------------------------------------------------------------------------------------
+  if config.get("model") and config.model.get("remat_policy") == "auto":
+    policy = _resolve_remat_policy(config, mesh, rules, abstract_batch, abstract_params, abstract_opt,
+                                   param_shardings, opt_shardings)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.remat_policy = policy
+    task = tasks.get_task(config)
+    if is_main:
+      with open(os.path.join(workdir, "config.json"), "w") as f:  # the record of the run names the policy it used
+        f.write(config.to_json_best_effort(indent=1))
 
   # ------------------------------------------------------------------------------------------------------------------
   # State: fresh, or init_from a params file, or resumed from the workdir.

@@ -10,7 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cvd_storm_jax.models import embeddings  # noqa: E402
-from cvd_storm_jax.models.mmdit import SD3Transformer  # noqa: E402
+from cvd_storm_jax.models.mmdit import REMAT_POLICIES, SD3Transformer  # noqa: E402
 from cvd_storm_jax.pretrained.sd3_transformer import load_sd3_transformer  # noqa: E402
 
 # Small SD3.5-like config: dual attention in the first layers, RMS qk-norm, last block context_pre_only, and a
@@ -66,7 +66,7 @@ def test_remat_policies_wrap_blocks():
           jnp.asarray(rng.standard_normal((1, 3, 24)), jnp.float32), jnp.asarray(rng.standard_normal((1, 20)),
                                                                                 jnp.float32))
   params = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-  for policy in ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+  for policy in REMAT_POLICIES + ("auto",):  # "auto" outside the trainer is "full"
     m = model.clone(remat_policy=policy)
     jaxpr = str(jax.make_jaxpr(lambda p: m.apply({"params": p}, *args))(params))
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (policy != "none"), policy

@@ -105,6 +105,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
   config.total_steps = 2 * n
   config.log_every = 1
   config.checkpoint.every_steps = 100
+  # remat "auto" with room for everything: resolves (the same way on each restart) to the policy that keeps most.
+  config.model.remat_policy, config.memory_budget_gib = "auto", 1000.0
 
   full = str(tmp_path / "full")
   train_mod.train(config, full)
@@ -136,6 +138,17 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
   for workdir in (full, split):
     assert os.listdir(os.path.join(workdir, "tb")), "TensorBoard events expected"
     assert os.path.exists(os.path.join(workdir, "final_metrics.json"))
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f)["model"]["remat_policy"] == "minimal"  # the record names the policy that ran
+
+
+def test_auto_remat_that_cannot_fit_stops_before_compiling(tmp_path):
+  from cvd_storm_jax import train as train_mod
+  config = tiny_config()
+  config.num_devices = 1
+  config.model.remat_policy, config.memory_budget_gib = "auto", 1e-6
+  with pytest.raises(ValueError, match="no remat policy fits"):
+    train_mod.train(config, str(tmp_path))
 
 
 def _run_cli(*args, timeout=300):

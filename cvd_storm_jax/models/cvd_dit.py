@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax.core import meta
+from jax.ad_checkpoint import checkpoint_name
 
 from cvd_storm_jax.models.embeddings import (TORCH_INIT, TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
                                              timestep_embedding)
@@ -91,7 +92,6 @@ class IndexMixLayer(nn.Module):
   head_dim: int
   qk_norm: str | None = "rms_norm"
   merge_factor: float = 2.0
-  remat_policy: str = "none"
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -115,8 +115,7 @@ class IndexMixLayer(nn.Module):
       emb = emb + cond
     h = x + emb[:, :, :, None, :].astype(x.dtype)
 
-    block = remat(VTBlock, self.remat_policy)(self.heads, self.head_dim, self.qk_norm, self.attention_impl,
-                                              name="block", **kw)
+    block = VTBlock(self.heads, self.head_dim, self.qk_norm, self.attention_impl, name="block", **kw)
     if self.axis == "temporal":
       if self.attention_type == "pointwise":
         seq = h.transpose(0, 2, 3, 1, 4).reshape(b * v * s, t, d)
@@ -172,6 +171,7 @@ class AdapterBlock(nn.Module):
                   kernel_init=nn.with_logical_partitioning(TORCH_INIT,
                                                            (None, None, "conv_in", "conv_out")),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))(x)
+      h = checkpoint_name(h, "adapter_conv")
       h = dense(self.width, ("conv_in", "conv_out"), name=f"resnets_{r}_block2", **kw)(nn.relu(h))
       x = x + h
     return x
@@ -186,6 +186,7 @@ class LayoutAdapter(nn.Module):
   num_blocks: int
   num_res_blocks: int = 2
   downscale: int = 8
+  remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -194,8 +195,9 @@ class LayoutAdapter(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = pixel_unshuffle(images.astype(self.dtype), self.downscale)
     outs = []
+    block = remat(AdapterBlock, self.remat_policy)
     for i in range(self.num_blocks):
-      x = AdapterBlock(self.width, self.num_res_blocks, down=i == 0, name=f"body_{i}", **kw)(x)
+      x = block(self.width, self.num_res_blocks, down=i == 0, name=f"body_{i}", **kw)(x)
       # Zero-initialised projection: the adapter starts as a no-op on the pretrained MM-DiT.
       r = dense(self.width, ("conv_in", "embed"), name=f"zero_convs_{i}", kernel_init=nn.initializers.zeros_init(),
                 **kw)(x)
@@ -262,13 +264,15 @@ class CVDDiT(nn.Module):
     self.camera_embed = TimestepEmbedding(d, d, **kw) if self.camera_dim else None
     if self.num_adapter_blocks:
       self.layout_adapter = LayoutAdapter(d, self.num_adapter_blocks, self.adapter_res_blocks,
-                                          self.layout_downscale, **kw)
+                                          self.layout_downscale, self.remat_policy, **kw)
     mix_kw = dict(heads=self.num_attention_heads, head_dim=self.attention_head_dim, qk_norm=self.qk_norm_additional,
-                  merge_factor=self.merge_factor, remat_policy=self.remat_policy,
-                  attention_impl=self.attention_impl, **kw)
-    self.temporal_blocks = [IndexMixLayer("temporal", self.temporal_attention_type, **mix_kw)
+                  merge_factor=self.merge_factor, attention_impl=self.attention_impl, **kw)
+    # The whole layer under remat, not only its VTBlock: the transposed sequences and the blender's float32 inputs
+    # would otherwise stay alive for the backward pass (10 GiB at the paper size). `grid` (argument 5) is static.
+    mix_layer = remat(IndexMixLayer, self.remat_policy, static_argnums=(5,))
+    self.temporal_blocks = [mix_layer("temporal", self.temporal_attention_type, **mix_kw)
                             for _ in self.temporal_layers]
-    self.crossview_blocks = [IndexMixLayer("crossview", self.crossview_attention_type, **mix_kw)
+    self.crossview_blocks = [mix_layer("crossview", self.crossview_attention_type, **mix_kw)
                              for _ in self.crossview_layers]
 
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text_tokens: jax.Array, pooled_text: jax.Array,
@@ -328,10 +332,10 @@ class CVDDiT(nn.Module):
       context, x = block(x, context, temb)
       if i in temporal:
         x = self.temporal_blocks[temporal[i]](x.reshape(b, t, v, s, d), cam if self.camera_on_temporal else None,
-                                              disable_temporal, grid=grid).reshape(n, s, d)
+                                              disable_temporal, None, grid).reshape(n, s, d)
       if i in crossview:
         x = self.crossview_blocks[crossview[i]](x.reshape(b, t, v, s, d), cam, disable_crossview, adjacency,
-                                                grid=grid).reshape(n, s, d)
+                                                grid).reshape(n, s, d)
 
     out = mmdit_outputs(self, x, temb, hh, ww)
     return out.reshape(b, t, v, hh, ww, out.shape[-1])
@@ -356,7 +360,7 @@ def default_model_config(size: str) -> ml_collections.ConfigDict:
                temporal_attention_type="pointwise", crossview_layers=(1, 5, 9, 13, 17, 21),
                crossview_attention_type="rowwise", qk_norm_additional="rms_norm", merge_factor=2.0, camera_dim=11,
                camera_on_temporal=True, num_adapter_blocks=6, adapter_res_blocks=2, layout_channels=6,
-               layout_downscale=8, remat_policy="dots_with_no_batch_dims_saveable", attention_impl="auto",
+               layout_downscale=8, remat_policy="auto", attention_impl="auto",
                dtype="bfloat16", param_dtype="float32")
   elif size == "tiny":
     cfg = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=32,

@@ -21,26 +21,49 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from cvd_storm_jax.models.attention import dot_product_attention
 from cvd_storm_jax.models.embeddings import PatchEmbed, TimeTextEmbed, as_dtype, dense, unpatchify
 
 Dtype = Any
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Names of the activations a remat policy may keep (``jax.ad_checkpoint.checkpoint_name`` in the modules). Per token
+# and layer, in units of the width D: the q, k, v projections 3D; the attention's output projection D; the MLP's
+# input projection 4D (SD3) or 8D (GEGLU, cvd_dit's temporal / cross-view blocks); its output projection D; the
+# layout adapter's 3x3 convolutions D (cvd_dit.AdapterBlock).
+CHECKPOINT_NAMES = ("qkv_proj", "out_proj", "mlp_in", "mlp_out", "adapter_conv")
+
+# Most memory (least recomputation) first. "minimal" keeps every named activation (the attention itself, a small
+# share of the FLOPs at these lengths, is recomputed); "save_dot_except_mlp_in" drops the widest, the MLP's hidden
+# layer, and recomputes it (+~10 % of the step's FLOPs at SD3.5-medium width); "save_out_proj" keeps the outputs the
+# adaLN gates need (D each) and the adapter's convolutions, and recomputes the q/k/v and MLP-input projections
+# (+~20 %); "full" keeps the block inputs only and recomputes the whole forward (+~33 %). The two ``dots_*``
+# policies are JAX's own. benchmarks/plan_remat.py measures what each keeps at a given size.
+_SAVE = {"minimal": CHECKPOINT_NAMES, "save_dot_except_mlp_in": ("qkv_proj", "out_proj", "mlp_out", "adapter_conv"),
+         "save_out_proj": ("out_proj", "mlp_out", "adapter_conv")}
+REMAT_POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", *_SAVE, "full")
 
 
-def remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
-  """Wraps a module class in nn.remat with a named checkpoint policy ("none" returns it unchanged)."""
+def remat(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """Wraps a module class in nn.remat with a policy named in REMAT_POLICIES ("none" returns it unchanged; "auto",
+  unresolved, means "full").
+
+  static_argnums count ``self`` as 0 (flax's convention).
+  """
+  if policy == "auto":
+    # The trainer replaces "auto" by the policy memory.choose_remat_policy measures for the device before it builds
+    # the model it trains. Anywhere else (sampling, evaluation, a loop of one's own) "auto" is the safe "full".
+    policy = "full"
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
   if policy == "none":
     return cls
-  if policy == "full":
-    return nn.remat(cls, policy=None)
-  if policy == "dots_saveable":
-    return nn.remat(cls, policy=jax.checkpoint_policies.dots_saveable)
-  if policy == "dots_with_no_batch_dims_saveable":
-    return nn.remat(cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
+  if policy in _SAVE:
+    jax_policy = jax.checkpoint_policies.save_only_these_names(*_SAVE[policy])
+  else:
+    jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+  return nn.remat(cls, policy=jax_policy, static_argnums=static_argnums)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -118,8 +141,8 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias)
     n, l, _ = x.shape
     inner = self.heads * self.head_dim
-    q, k, v = (dense(inner, ("embed", "heads"), name=f"{prefix}{c}{suffix}", **kw)(x).reshape(
-        n, l, self.heads, self.head_dim) for c in "qkv")
+    q, k, v = (checkpoint_name(dense(inner, ("embed", "heads"), name=f"{prefix}{c}{suffix}", **kw)(x), "qkv_proj")
+               .reshape(n, l, self.heads, self.head_dim) for c in "qkv")
     if self.qk_norm == "rms_norm":
       nkw = dict(eps=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
       q = RMSNorm(name=f"{norm_prefix}q", **nkw)(q)
@@ -143,10 +166,10 @@ class Attention(nn.Module):
     o = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     o = o.reshape(o.shape[0], o.shape[1], self.heads * self.head_dim)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out = dense(d, ("heads", "embed"), name="to_out", **kw)(o[:, :lx])
+    out = checkpoint_name(dense(d, ("heads", "embed"), name="to_out", **kw)(o[:, :lx]), "out_proj")
     ctx_out = None
     if self.joint and not self.context_pre_only:
-      ctx_out = dense(d, ("heads", "embed"), name="to_add_out", **kw)(o[:, lx:])
+      ctx_out = checkpoint_name(dense(d, ("heads", "embed"), name="to_add_out", **kw)(o[:, lx:]), "out_proj")
     return out, ctx_out
 
 
@@ -166,15 +189,15 @@ class FeedForward(nn.Module):
     inner = self.mult * d
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.activation == "gelu_tanh":
-      h = nn.gelu(dense(inner, ("embed", "mlp"), name="proj", **kw)(x), approximate=True)
+      h = nn.gelu(checkpoint_name(dense(inner, ("embed", "mlp"), name="proj", **kw)(x), "mlp_in"), approximate=True)
     elif self.activation == "geglu":
-      h = dense(2 * inner, ("embed", "mlp"), name="proj", **kw)(x)
+      h = checkpoint_name(dense(2 * inner, ("embed", "mlp"), name="proj", **kw)(x), "mlp_in")
       h, gate = jnp.split(h, 2, axis=-1)
       h = h * nn.gelu(gate, approximate=False)
     else:
       raise ValueError(f"unknown FeedForward activation {self.activation!r}")
     h = constrain(h, ("batch", "length", "mlp"))
-    return dense(d, ("mlp", "embed"), name="out", **kw)(h)
+    return checkpoint_name(dense(d, ("mlp", "embed"), name="out", **kw)(h), "mlp_out")
 
 
 class Modulation(nn.Module):
