@@ -5,6 +5,7 @@ views rendered, the paper config (SD3.5 VAE + STORM-B/8-like GS decoder, bf16, L
 
   python benchmarks/bench_storm_vae.py                 # GPU
   python benchmarks/bench_storm_vae.py --tiny          # CPU: the tiny config at 32x56, 2 context frames
+  python benchmarks/bench_storm_vae.py --plan          # any CPU: activation memory per remat setting, no run
 
 Prints one JSON line:
   step_ms          forward + backward of the task's loss (the trainer's update minus the optimizer).
@@ -66,11 +67,44 @@ def _matmul_rate(dtype, n):
   return 2 * n ** 3 / (ms * 1e-3)
 
 
+def plan(cfg, batch) -> None:
+  """One JSON line per remat setting: GiB of activations kept for the backward pass and of params + grads + AdamW."""
+  from flax.core import meta
+
+  from check_gpu_lowering import pretend_gpu  # benchmarks/check_gpu_lowering.py
+  from cvd_storm_jax import memory
+  from cvd_storm_jax.tasks import get_task
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  switches = {"vae_remat": ("model", "vae_remat"), "gs_remat": ("model.gs", "remat"),
+              "lpips_remat": ("loss", "lpips_remat")}
+  settings = [("as configured", {})] + [(f"{k} off", {k: False}) for k in switches] + [
+      ("all off", {k: False for k in switches})]
+  for label, off in settings:
+    trial = cfg.copy_and_resolve_references()
+    for key, value in off.items():
+      section, field = switches[key]
+      node = trial
+      for part in section.split("."):
+        node = node[part]
+      node[field] = value
+    task = get_task(trial)
+    with pretend_gpu():
+      params = jax.eval_shape(lambda r, b: meta.unbox(task.init(r, b)), jax.random.key(0), abstract)
+      kept = memory.saved_activation_bytes(
+          lambda p, b: task.loss_fn(p, b, jax.random.key(1), jnp.int32(10_000))[0], params, abstract)
+    trainable = memory.nbytes({k: v for k, v in params.items() if k != "lpips"})  # LPIPS is frozen
+    print(json.dumps({"setting": label, "activations_gb": round(kept / 2 ** 30, 2),
+                      "state_gb": round(4 * trainable / 2 ** 30, 2)}), flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tiny", action="store_true", help="CPU size: the tiny config at 32x56")
   ap.add_argument("--iters", type=int, default=None)
   ap.add_argument("--no_lpips", action="store_true", help="drop LPIPS from both losses")
+  ap.add_argument("--plan", action="store_true",
+                  help="run nothing: the activations the backward pass keeps, with the config's remat switches and "
+                       "with each turned off (tracing only, cuDNN attention and Pallas as on a GPU; any CPU)")
   args = ap.parse_args()
 
   from flax.core import meta
@@ -91,6 +125,9 @@ def main():
     cfg.storm.num_targets = 3
   task = get_task(cfg)
   batch = _batch(task, height, width, num_frames)
+  if args.plan:
+    plan(cfg, batch)
+    return
   iters = args.iters or (3 if args.tiny else 10)
 
   params = jax.jit(lambda r, b: meta.unbox(task.init(r, b)))(jax.random.key(0), batch)

@@ -63,6 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.storm_lambda = 0.5
   c.loss.lpips_net = "none" if tiny else "vgg16"
+  c.loss.lpips_remat = not tiny  # recompute the VGG16 features in the backward pass (memory)
   c.loss.vae = ml_collections.ConfigDict(dict(mse=1.0, lpips=0.0 if tiny else 1.0, kl=1e-6))
   c.loss.storm = ml_collections.ConfigDict(dict(rgb=1.0, lpips=0.0 if tiny else 0.05, depth=1.0, sky=0.1,
                                                 flow_reg=0.005, lpips_start_step=5000, min_depth=0.01))

@@ -79,7 +79,7 @@ class GSDecoderConfig:
   opacity_offset: float = -2.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool = False  # the ViT blocks and the per-pixel heads (upscaler, motion keys, sky) recompute in backward
   attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
   rasterize_backend: str = "auto"
   rasterize_capacity: int | None = None  # tile-intersection buffer of the tiled backends (None: their default)
@@ -260,13 +260,16 @@ class GSDecoder(nn.Module):
     self.affine_tokens = self.param("affine_tokens", normal((None, "embed")), (cfg.num_views, d), cfg.param_dtype)
     self.motion_tokens = self.param("motion_tokens", normal((None, "embed")), (cfg.num_motion_tokens, d),
                                     cfg.param_dtype)
-    block = nn.remat(Block) if cfg.remat else Block
+    # Remat also covers the per-pixel heads: at 256x448 their float32 activations (GELU, LayerNorm over the sky
+    # head's 512 channels for every target pixel) were ~35 GiB of what the backward kept, more than the ViT's.
+    rm = nn.remat if cfg.remat else (lambda cls: cls)
+    block = rm(Block)
     self.blocks = [block(cfg, name=f"block{i}") for i in range(cfg.depth)]
     self.norm = _layer_norm(cfg, name="norm")
     p = cfg.pixels_per_token
     self.gs_head = _dense(p * p * GS_CHANNELS, ("embed", "mlp"), cfg, dtype=jnp.float32, name="gs_head")
-    self.upscaler = MotionUpscaler(cfg, name="motion_upscaler")
-    self.motion_key_head = Mlp(cfg.motion_key_hidden, cfg.motion_dim, cfg, dtype=jnp.float32, name="motion_key_head")
+    self.upscaler = rm(MotionUpscaler)(cfg, name="motion_upscaler")
+    self.motion_key_head = rm(Mlp)(cfg.motion_key_hidden, cfg.motion_dim, cfg, dtype=jnp.float32, name="motion_key_head")
     # One query MLP per motion token (STORM: a ModuleList of Mlp(D, D, motion_dim)), as stacked weights.
     k = cfg.num_motion_tokens
     self.query_w1 = self.param("motion_query_w1", nn.with_logical_partitioning(
@@ -278,7 +281,7 @@ class GSDecoder(nn.Module):
     self.query_b2 = self.param("motion_query_b2", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), (None, None)), (k, cfg.motion_dim), cfg.param_dtype)
     self.motion_basis = Mlp(cfg.motion_basis_hidden, 3, cfg, dtype=jnp.float32, name="motion_basis_decoder")
-    self.sky_head = SkyHead(cfg, name="sky_head")
+    self.sky_head = rm(SkyHead)(cfg, name="sky_head")
     # Exposure: zero-initialised, so every view starts at the identity colour transform.
     self.affine_head = _dense(12, ("embed", None), cfg, zero=True, dtype=jnp.float32, name="affine_head")
 

@@ -106,6 +106,8 @@ class StormVAETask:
     if self.lpips_net == "vgg16":
       from cvd_storm_jax.models.lpips import LPIPS
       self.lpips = LPIPS()
+    # Recompute the VGG16 features in the backward pass instead of keeping them (~23 GiB at the paper scale).
+    self.lpips_remat = bool(lw.get("lpips_remat", False))
     self._flops_cache: dict[Any, float] = {}
 
   # ---------------------------------------------------------------------------------------------------------------- #
@@ -168,7 +170,8 @@ class StormVAETask:
     if self.lpips_net == "none":
       return None
     lp = jax.lax.stop_gradient(params["lpips"])
-    return lambda x0, x1: self.lpips.apply({"params": lp}, x0, x1)
+    fn = lambda x0, x1: self.lpips.apply({"params": lp}, x0, x1)
+    return jax.checkpoint(fn) if self.lpips_remat else fn
 
   def forward(self, params, sel: Mapping[str, jax.Array], rng: jax.Array | None, decode: bool = True):
     return self.model.apply({"params": self._model_params(params)}, sel["ctx_images"], sel["ctx_intrinsics"],
