@@ -121,6 +121,46 @@ def test_full_objective_metrics_and_shapes(env):
   assert out["gaussians"]["means"].shape == (B, 2, V, H, W, 3)
 
 
+def test_remat_switches_keep_less_and_give_the_same_gradients(env):
+  # The paper recipe's memory switches change what the backward pass keeps, never the gradients: vae_remat, gs.remat
+  # (ViT blocks and the per-pixel heads) and lpips_remat (LPIPS-VGG in both losses, traced only here).
+  from cvd_storm_jax import memory
+  task, batch, params = env["task"], env["mixed"], env["params"]
+  rng, w_storm = jax.random.key(1), task.storm_lambda
+
+  def kept(cfg):
+    t = get_task(cfg)
+    p = jax.eval_shape(lambda r, b: meta.unbox(t.init(r, b)), jax.random.key(0), batch)
+    return memory.saved_activation_bytes(lambda p, b: t.loss_fn(p, b, rng, jnp.int32(10_000))[0], p, batch)
+
+  with_lpips = _config()
+  with_lpips.loss.lpips_net, with_lpips.loss.vae.lpips, with_lpips.loss.storm.lpips = "vgg16", 1.0, 0.05
+  on = with_lpips.copy_and_resolve_references()
+  on.model.vae_remat, on.model.gs.remat, on.loss.lpips_remat = True, True, True
+  sizes = [kept(with_lpips)]
+  for section, field in (("model", "vae_remat"), ("gs", "remat"), ("loss", "lpips_remat")):
+    cfg = with_lpips.copy_and_resolve_references()
+    (cfg.model.gs if section == "gs" else cfg[section])[field] = True
+    sizes.append(kept(cfg))
+    assert sizes[-1] < sizes[0], (section, field, sizes)
+  assert kept(on) < min(sizes)
+
+  remat = _config()
+  remat.model.vae_remat, remat.model.gs.remat = True, True
+  rtask = get_task(remat)
+
+  def weighted(p):
+    l_vae, l_storm, _, _ = rtask.loss_terms(p, batch, rng, jnp.int32(0))
+    return l_vae + w_storm * l_storm
+
+  g = jax.jit(jax.grad(weighted)).lower(params).compile(FAST_COMPILE)(params)
+  _, ref = env["grad_fn"](params, batch, rng, 1.0, w_storm)
+  scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(ref))  # some grads are 0 up to rounding (key bias)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(g)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_opendv_samples_train_the_vae_only(env):
   task = env["task"]
   (loss, (m, aux)), g = env["grad_fn"](env["params"], env["only_opendv"], jax.random.key(1), 1.0, task.storm_lambda)
