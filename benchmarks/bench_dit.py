@@ -98,10 +98,11 @@ def main():
   if args.plan:
     plan(build, loss_of, inputs, tx, flops, key)
     return
-  params = jax.jit(lambda k: meta.unbox(build("full").init(k, *inputs))["params"])(key)
-  opt = jax.jit(tx.init)(params)
-  state_bytes = memory.train_state_bytes(params, opt)
-  activation_bytes = lambda policy: memory.saved_activation_bytes(loss_of(build(policy)), params, *inputs)
+  # Shapes first: the policy is chosen (or found not to fit) before anything is allocated or compiled.
+  init = lambda k: meta.unbox(build("full").init(k, *inputs))["params"]
+  abstract_params = jax.eval_shape(init, key)
+  state_bytes = memory.train_state_bytes(abstract_params, jax.eval_shape(tx.init, abstract_params))
+  activation_bytes = lambda policy: memory.saved_activation_bytes(loss_of(build(policy)), abstract_params, *inputs)
   budget = int(args.memory_gib * 2 ** 30) or memory.device_memory_bytes()
   measured = {}
   if args.remat == "auto":
@@ -110,6 +111,8 @@ def main():
   else:
     candidates = (args.remat,)
 
+  params = jax.jit(init)(key)
+  opt = jax.jit(tx.init)(params)
   state = {"p": params, "o": opt}
   for policy in candidates:
     loss = loss_of(build(policy))
@@ -133,7 +136,7 @@ def main():
         raise
       print(f"remat {policy}: out of memory ({str(e).splitlines()[0][:200]}); trying the next policy", flush=True)
       if any(x.is_deleted() for x in jax.tree.leaves(state)):  # donated into the failed call: rebuild the state
-        state["p"] = jax.jit(lambda k: meta.unbox(build("full").init(k, *inputs))["params"])(key)
+        state["p"] = jax.jit(init)(key)
         state["o"] = jax.jit(tx.init)(state["p"])
   mm = matmul_tflops(1024 if args.tiny else 8192, repeats=args.repeats)
   stats = jax.devices()[0].memory_stats() or {}

@@ -201,7 +201,9 @@ def test_every_remat_policy_gives_the_same_gradients(one_layer):
   for name in ("temporal_blocks_0']['block']['attn1']['to_q", "crossview_blocks_0']['mixer", "zero_convs_0",
                "camera_embed", "transformer_blocks_0']['attn2"):
     assert any(name in k and np.abs(g).max() > 0 for k, g in ref.items()), name
-  for policy in ("minimal", "save_dot_except_mlp_in", "save_out_proj", "full"):
+  # The named-checkpoint policies at both ends (keeping every name, keeping only the gates' inputs); "full" and
+  # JAX's own are the same mechanism without names (tracing of every policy: test_mmdit.py).
+  for policy in ("minimal", "save_out_proj"):
     got = grads(policy)
     for k, g in ref.items():
       np.testing.assert_allclose(got[k], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(), err_msg=f"{policy}: {k}")
