@@ -54,6 +54,12 @@ def _optimizer(opt_cfg: Any, total_steps: int, trainable_mask: Any):
   return tx, lr
 
 
+def _write_config(config: Any, workdir: str) -> None:
+  """The record of the run: ``workdir/config.json``."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+
+
 def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: Any, abstract_params: Any,
                           abstract_opt: Any, param_shardings: Any, opt_shardings: Any) -> str:
   """config.model.remat_policy = "auto": the least-recomputing policy whose per-device memory fits (memory.py).
@@ -126,8 +132,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    _write_config(config, workdir)
 
   # ------------------------------------------------------------------------------------------------------------------
   # Mesh.
@@ -188,8 +193,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       config.model.remat_policy = policy
     task = tasks.get_task(config)
     if is_main:
-      with open(os.path.join(workdir, "config.json"), "w") as f:  # the record of the run names the policy it used
-        f.write(config.to_json_best_effort(indent=1))
+      _write_config(config, workdir)  # the record of the run names the policy it used
 
   # ------------------------------------------------------------------------------------------------------------------
   # State: fresh, or init_from a params file, or resumed from the workdir.
