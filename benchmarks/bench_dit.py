@@ -31,12 +31,13 @@ def matmul_tflops(n: int, repeats: int) -> float:
   return 2 * n ** 3 / timed(f, x, repeats=repeats) / 1e12
 
 
-def plan(build, loss_of, inputs, tx, model_flops: float, key) -> None:
-  """Prints one JSON line per remat policy: memory and recomputation at this size, without allocating or running."""
+def plan(build, loss_of, params, state: int, inputs, model_flops: float) -> None:
+  """Prints one JSON line per remat policy: memory and recomputation at this size, without allocating or running.
+
+  params: the abstract params (ShapeDtypeStructs); state: train_state_bytes of params and optimizer.
+  """
   from check_gpu_lowering import pretend_gpu  # benchmarks/check_gpu_lowering.py
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
-  params = jax.eval_shape(lambda k, *x: meta.unbox(build("full").init(k, *x))["params"], key, *abstract)
-  state = memory.train_state_bytes(params, jax.eval_shape(tx.init, params))
   for policy in ("none",) + memory.POLICY_PREFERENCE:
     loss = loss_of(build(policy))
     with pretend_gpu():  # the attention's residuals as cuDNN keeps them
@@ -95,13 +96,13 @@ def main():
     return lambda p, *x: jnp.mean(jnp.square(model.apply({"params": p}, *x).astype(jnp.float32)))
 
   tx = optax.adamw(1e-5)
-  if args.plan:
-    plan(build, loss_of, inputs, tx, flops, key)
-    return
   # Shapes first: the policy is chosen (or found not to fit) before anything is allocated or compiled.
   init = lambda k: meta.unbox(build("full").init(k, *inputs))["params"]
   abstract_params = jax.eval_shape(init, key)
   state_bytes = memory.train_state_bytes(abstract_params, jax.eval_shape(tx.init, abstract_params))
+  if args.plan:
+    plan(build, loss_of, abstract_params, state_bytes, inputs, flops)
+    return
   activation_bytes = lambda policy: memory.saved_activation_bytes(loss_of(build(policy)), abstract_params, *inputs)
   budget = int(args.memory_gib * 2 ** 30) or memory.device_memory_bytes()
   measured = {}

@@ -69,32 +69,29 @@ def _matmul_rate(dtype, n):
 
 def plan(cfg, batch) -> None:
   """One JSON line per remat setting: GiB of activations kept for the backward pass and of params + grads + AdamW."""
+  import optax
   from flax.core import meta
 
   from check_gpu_lowering import pretend_gpu  # benchmarks/check_gpu_lowering.py
   from cvd_storm_jax import memory
   from cvd_storm_jax.tasks import get_task
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  switches = {"vae_remat": ("model", "vae_remat"), "gs_remat": ("model.gs", "remat"),
-              "lpips_remat": ("loss", "lpips_remat")}
-  settings = [("as configured", {})] + [(f"{k} off", {k: False}) for k in switches] + [
-      ("all off", {k: False for k in switches})]
+  switches = {"vae_remat": lambda c: c.model, "gs_remat": lambda c: c.model.gs, "lpips_remat": lambda c: c.loss}
+  fields = {"vae_remat": "vae_remat", "gs_remat": "remat", "lpips_remat": "lpips_remat"}
+  settings = [("as configured", ())] + [(f"{k} off", (k,)) for k in switches] + [("all off", tuple(switches))]
   for label, off in settings:
     trial = cfg.copy_and_resolve_references()
-    for key, value in off.items():
-      section, field = switches[key]
-      node = trial
-      for part in section.split("."):
-        node = node[part]
-      node[field] = value
+    for name in off:
+      switches[name](trial)[fields[name]] = False
     task = get_task(trial)
     with pretend_gpu():
       params = jax.eval_shape(lambda r, b: meta.unbox(task.init(r, b)), jax.random.key(0), abstract)
       kept = memory.saved_activation_bytes(
           lambda p, b: task.loss_fn(p, b, jax.random.key(1), jnp.int32(10_000))[0], params, abstract)
-    trainable = memory.nbytes({k: v for k, v in params.items() if k != "lpips"})  # LPIPS is frozen
+    trainable = {k: v for k, v in params.items() if k != "lpips"}  # LPIPS is frozen: no gradient, no moments
+    state = memory.train_state_bytes(trainable, jax.eval_shape(optax.adamw(1e-4).init, trainable))
     print(json.dumps({"setting": label, "activations_gb": round(kept / 2 ** 30, 2),
-                      "state_gb": round(4 * trainable / 2 ** 30, 2)}), flush=True)
+                      "state_gb": round(state / 2 ** 30, 2)}), flush=True)
 
 
 def main():

@@ -4,7 +4,7 @@ Used to choose a remat policy for a device before compiling: the policies of ``m
 memory for recomputation, and the fastest one is the one that keeps the most while still fitting.
 
   saved_activation_bytes(loss, params, *inputs)   bytes of the activations autodiff keeps for the backward pass
-  train_state_bytes(params, tx)                   params + gradients + optimizer state
+  train_state_bytes(params, opt_state[, shardings]) params + gradients + optimizer state (per device if sharded)
   choose_remat_policy(...)                        the least-recomputing policy whose estimate fits a budget
 
 The activation count is JAX's own residual analysis of the traced ``vjp`` (what ``jax.ad_checkpoint.
@@ -27,9 +27,13 @@ from jax.extend.core import Literal
 POLICY_PREFERENCE = ("minimal", "save_dot_except_mlp_in", "save_out_proj", "full")
 
 
-def nbytes(tree: Any) -> int:
-  """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree."""
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+def nbytes(tree: Any, shardings: Any = None) -> int:
+  """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree; with ``shardings`` (a matching tree of
+  jax.sharding.Sharding), the bytes of one device's shard of each."""
+  leaves = jax.tree.leaves(tree)
+  shapes = ([x.shape for x in leaves] if shardings is None else
+            [s.shard_shape(x.shape) for x, s in zip(leaves, jax.tree.leaves(shardings))])
+  return int(sum(np.prod(shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x, shape in zip(leaves, shapes)))
 
 
 def saved_activation_bytes(loss: Callable[..., jax.Array], *args: Any) -> int:
@@ -55,9 +59,10 @@ def saved_activation_bytes(loss: Callable[..., jax.Array], *args: Any) -> int:
   return total
 
 
-def train_state_bytes(params: Any, opt_state: Any) -> int:
-  """params + one gradient per param (same dtype) + the optimizer state: what a step holds besides activations."""
-  return 2 * nbytes(params) + nbytes(opt_state)
+def train_state_bytes(params: Any, opt_state: Any, param_shardings: Any = None, opt_shardings: Any = None) -> int:
+  """params + one gradient per param (same dtype) + the optimizer state: what a step holds besides activations.
+  Per device when the shardings are given (gradients are sharded like their params)."""
+  return 2 * nbytes(params, param_shardings) + nbytes(opt_state, opt_shardings)
 
 
 def device_memory_bytes(device: jax.Device | None = None) -> int | None:

@@ -75,11 +75,7 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
 
   from cvd_storm_jax import memory, sharding, tasks
 
-  def per_device(tree, shardings):
-    return sum(int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-
-  state_bytes = 2 * per_device(abstract_params, param_shardings) + per_device(abstract_opt, opt_shardings)
+  state_bytes = memory.train_state_bytes(abstract_params, abstract_opt, param_shardings, opt_shardings)
   budget = int(config.get("memory_budget_gib", 0) * 2 ** 30) or memory.device_memory_bytes(mesh.devices.flat[0])
   if not budget:
     log.warning("remat_policy=auto: the device reports no memory limit and config.memory_budget_gib is 0; using "

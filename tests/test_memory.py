@@ -68,5 +68,12 @@ def test_train_state_bytes_and_device_memory():
   params = {"w": np.zeros((3, 4), np.float32), "b": np.zeros((4,), np.float32)}
   opt = {"mu": params, "nu": params, "count": np.zeros((), np.int32)}
   assert memory.train_state_bytes(params, opt) == 2 * 64 + 2 * 64 + 4
+  # Per device: "w" split 8 ways along its first axis (8 x 4 floats -> 1 x 4 on each device), the rest replicated.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+  split, repl = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in (("fsdp",), ()))
+  big = {"w": np.zeros((8, 4), np.float32), "b": np.zeros((4,), np.float32)}
+  shardings = {"w": split, "b": repl}
+  assert memory.nbytes(big, shardings) == 16 + 16
+  assert memory.train_state_bytes(big, {"mu": big}, shardings, {"mu": shardings}) == 2 * 32 + 32
   limit = memory.device_memory_bytes()
   assert limit is None or limit > 0

@@ -269,7 +269,8 @@ class GSDecoder(nn.Module):
     p = cfg.pixels_per_token
     self.gs_head = _dense(p * p * GS_CHANNELS, ("embed", "mlp"), cfg, dtype=jnp.float32, name="gs_head")
     self.upscaler = rm(MotionUpscaler)(cfg, name="motion_upscaler")
-    self.motion_key_head = rm(Mlp)(cfg.motion_key_hidden, cfg.motion_dim, cfg, dtype=jnp.float32, name="motion_key_head")
+    self.motion_key_head = rm(Mlp)(cfg.motion_key_hidden, cfg.motion_dim, cfg, dtype=jnp.float32,
+                                   name="motion_key_head")
     # One query MLP per motion token (STORM: a ModuleList of Mlp(D, D, motion_dim)), as stacked weights.
     k = cfg.num_motion_tokens
     self.query_w1 = self.param("motion_query_w1", nn.with_logical_partitioning(

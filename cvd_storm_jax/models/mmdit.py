@@ -39,7 +39,7 @@ CHECKPOINT_NAMES = ("qkv_proj", "out_proj", "mlp_in", "mlp_out", "adapter_conv")
 # layer, and recomputes it (+~10 % of the step's FLOPs at SD3.5-medium width); "save_out_proj" keeps the outputs the
 # adaLN gates need (D each) and the adapter's convolutions, and recomputes the q/k/v and MLP-input projections
 # (+~20 %); "full" keeps the block inputs only and recomputes the whole forward (+~33 %). The two ``dots_*``
-# policies are JAX's own. benchmarks/plan_remat.py measures what each keeps at a given size.
+# policies are JAX's own. `benchmarks/bench_dit.py --plan` measures what each keeps at a given size.
 _SAVE = {"minimal": CHECKPOINT_NAMES, "save_dot_except_mlp_in": ("qkv_proj", "out_proj", "mlp_out", "adapter_conv"),
          "save_out_proj": ("out_proj", "mlp_out", "adapter_conv")}
 REMAT_POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", *_SAVE, "full")
