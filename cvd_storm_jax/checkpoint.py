@@ -9,6 +9,7 @@ Two kinds of files:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Mapping
@@ -73,9 +74,23 @@ def merge_params(fresh: Any, loaded: Any, *, what: str = "init_from") -> tuple[A
 # ----------------------------------------------------------------------------------------------------------------------
 # Training checkpoints.
 # ----------------------------------------------------------------------------------------------------------------------
+def _replica_parallel_on_tpu_only() -> None:
+  """Orbax writes a replicated array cooperatively, each replica a slice ("replica-parallel"), unless JAX_PLATFORMS
+  names a GPU. Every array it slices costs a slicing program compiled for its shape: on 8 virtual CPU devices the
+  first save of 150 small arrays took 28 s instead of 0.3 s. It pays on TPU pods (many hosts, one array each); Orbax
+  already turns it off for GPUs, but only when JAX_PLATFORMS says so. Here the backend in use decides."""
+  want = jax.default_backend() == "tpu"
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if isinstance(handler, ocp.type_handlers.ArrayHandler) and getattr(handler, "_use_replica_parallel", want) != want:
+    handler = copy.copy(handler)  # the registered handler's other settings (array metadata store, ...) are kept
+    handler._use_replica_parallel = want
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def make_manager(directory: str, *, max_to_keep: int, save_interval_steps: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """An Orbax CheckpointManager with items 'state' (a pytree) and 'data' (a grain iterator)."""
+  _replica_parallel_on_tpu_only()
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
