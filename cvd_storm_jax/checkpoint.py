@@ -137,11 +137,21 @@ def restore_params(path: str, step: int | None = None) -> tuple[int | None, Any]
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {path!r}")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {path!r} (steps: {sorted(manager.all_steps())})")
   finally:
     manager.close()
+  # Only the params, as host arrays: the saved shardings name the devices of the run that wrote them (another
+  # topology on a cluster), and the optimizer state would take twice the params' memory for nothing.
+  state_dir = os.path.join(path, str(step), "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    saved = ckptr.metadata(state_dir).item_metadata.tree
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    params = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                  partial_restore=True))["params"]
   log.info("loaded params of step %d from %s", step, path)
-  return step, state["params"]
+  return step, params
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -100,6 +100,20 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
   return policy
 
 
+def _init_distributed() -> None:
+  """``jax.distributed.initialize()``. SLURM and Cloud TPU layouts are detected; anywhere else (plain machines,
+  several processes on one machine) the environment gives them: JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU processes exchange collectives over gloo."""
+  import jax
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  if (count is None) != (index is None):
+    raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (cluster auto-detection)")
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(num_processes=None if count is None else int(count),
+                             process_id=None if index is None else int(index))
+
+
 def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Runs (or resumes) training; returns the last logged metrics. ``main`` wraps it.
 
@@ -120,10 +134,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   from cvd_storm_jax import sharding, tasks
   from cvd_storm_jax.data_pipelines import pipeline
 
-  if os.environ.get("CVD_DISTRIBUTED") == "1":
-    # Multi-host (set by launch/*): must come before any backend use. Cluster auto-detection (SLURM, Cloud TPU,
-    # or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment) fills in the layout.
-    jax.distributed.initialize()
+  if os.environ.get("CVD_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+    _init_distributed()  # multi-host (set by launch/*): before any backend use
   jax.config.update("jax_threefry_partitionable", True)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -260,14 +272,27 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tb"))
     jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # one JSON line per logged step
-  preempted = {"flag": False}
+  # Preemption. With jax.distributed, JAX's preemption notifier owns SIGTERM: a notice on any process makes every
+  # process agree on one step to stop at (a Python handler here would replace the notifier, and processes stopping
+  # at different steps would deadlock in the checkpoint's collectives). A single process handles the signal itself.
+  sigterm = {"flag": False}
+  old_handler = None
+  if jax.distributed.is_initialized():
+    from jax.experimental import multihost_utils
 
-  def on_sigterm(signum, frame):
-    del frame
-    log.warning("signal %d: saving a checkpoint after this step and exiting", signum)
-    preempted["flag"] = True
+    def preempted(step: int) -> bool:
+      return multihost_utils.reached_preemption_sync_point(step)
+  else:
+    def on_sigterm(signum, frame):
+      del frame
+      log.warning("signal %d: saving a checkpoint after this step and exiting", signum)
+      sigterm["flag"] = True
 
-  old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    def preempted(step: int) -> bool:
+      del step
+      return sigterm["flag"]
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
   # ------------------------------------------------------------------------------------------------------------------
   # The loop.
@@ -291,8 +316,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       bar.update(1)
       if after_step is not None:
         after_step(step)
+      stop_preempted = preempted(step)
       stop_nonfinite = False
-      if step % config.log_every == 0 or step == total or preempted["flag"]:
+      if step % config.log_every == 0 or step == total or stop_preempted:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t_last
         metrics.update({"steps_per_s": steps_since / dt, "tokens_per_s": tokens_since / dt,
@@ -309,21 +335,22 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
           jsonl.flush()
         if metrics["nonfinite_run"] > config.max_consecutive_nonfinite:
           stop_nonfinite = True
-      if step % config.checkpoint.every_steps == 0 or step == total or preempted["flag"] or stop_nonfinite:
+      if step % config.checkpoint.every_steps == 0 or step == total or stop_preempted or stop_nonfinite:
         ckpt_lib.save(manager, step, state, data_iter, force=True)
       if stop_nonfinite:
         manager.wait_until_finished()
         raise FloatingPointError(
             f"{int(last['nonfinite_run'])} consecutive non-finite steps at step {step}; the params were not "
             f"updated by them and a checkpoint of them is in {workdir}")
-      if preempted["flag"]:
+      if stop_preempted:
         log.warning("preempted at step %d; checkpoint saved", step)
         break
   finally:
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    signal.signal(signal.SIGTERM, old_handler)
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
     if writer is not None:
       writer.close()
       jsonl.close()

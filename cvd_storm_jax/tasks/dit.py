@@ -227,7 +227,9 @@ class DiTTask:
       pooled = jnp.zeros((B, T, V, self.config.model.pooled_projection_dim))
     else:
       tokens, pooled = batch["text_tokens"].astype(jnp.float32), batch["pooled_text"].astype(jnp.float32)
-    layout = jnp.zeros(x0.shape[:3] + (x0.shape[3] * LATENT_DOWNSAMPLE, x0.shape[4] * LATENT_DOWNSAMPLE, 6))
+    layout = None  # a model without a layout adapter (num_adapter_blocks=0) takes none
+    if self.config.model.get("num_adapter_blocks", 1):
+      layout = jnp.zeros(x0.shape[:3] + (x0.shape[3] * LATENT_DOWNSAMPLE, x0.shape[4] * LATENT_DOWNSAMPLE, 6))
     variables = self.model.init(params_rng, x0, jnp.zeros((B, T, V)), tokens, pooled, layout,
                                 batch["camera_params"].astype(jnp.float32), batch["view_adjacency"].astype(bool),
                                 false, false)

@@ -1,0 +1,110 @@
+"""The trainer over two processes (jax.distributed on CPU, 4 devices each, FSDP across both), as launch/* runs it on
+a cluster: a SIGTERM delivered to one process stops both at one agreed step with a checkpoint, and the resumed run
+ends with exactly the params and losses of an uninterrupted one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from _configs import REPO  # noqa: I100 (configs/ as a module)
+from cvd_storm_jax import checkpoint as ckpt_lib
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TOTAL = 6  # steps; the preemption notice arrives at step 1 (process 1 only)
+
+# One process of the run: a one-layer DiT (joint, temporal and cross-view attention), global batch 8 (4 per process)
+# over fsdp=8 (every parameter sharded over both processes' devices), asynchronous checkpoints as in the recipes.
+_DRIVER = r"""
+import logging, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+from _configs import small_dit_config
+from cvd_storm_jax.train import train
+workdir, total, notice_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+c = small_dit_config()
+c.model.num_layers, c.model.dual_attention_layers, c.model.num_adapter_blocks = 1, (), 0
+c.model.temporal_layers, c.model.crossview_layers = (0,), (0,)
+c.progress_bar = False
+c.data.batch_size = 8
+c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+c.total_steps, c.log_every, c.checkpoint.every_steps = total, 1, 100
+
+def after_step(step):
+  if step == notice_at and jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+train(c, workdir, after_step=after_step)
+print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, done", flush=True)
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run(workdir: str, notice_at: int = 0) -> list[str]:
+  """Both processes of one run; returns their outputs (and fails with them if either exits non-zero)."""
+  port = _free_port()
+  procs = []
+  for index in range(2):
+    # Backend optimisation off: the steps are bound by gloo's collectives, the test's time by compiling.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CVD_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    procs.append(subprocess.Popen([sys.executable, "-c", _DRIVER, TESTS, workdir, str(TOTAL), str(notice_at)],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs, deadline = [], time.monotonic() + 300
+  try:
+    for p in procs:
+      try:
+        outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1.0))[0])
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        tails = "\n----\n".join(q.communicate()[0][-1500:] for q in procs)
+        pytest.fail(f"the two processes did not finish within 300 s (one waiting for the other?):\n{tails}")
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    assert "of 2: 8 devices, done" in out, out[-2000:]
+  return outs
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(m["step"], m["loss"]) for m in map(json.loads, f)]
+
+
+def test_two_processes_stop_together_and_resume_exactly(tmp_path):
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  _run(full)
+
+  outs = _run(split, notice_at=1)
+  mngr = ckpt_lib.make_manager(os.path.join(split, "checkpoints"), max_to_keep=3, async_save=False)
+  stopped = mngr.latest_step()
+  mngr.close()
+  print(f"SIGTERM to process 1 after step 1; both stopped after step {stopped}")
+  assert stopped is not None and 1 <= stopped < TOTAL, f"stopped at {stopped}: the notice did not stop the run"
+  for out in outs:  # both processes, the one without the signal too, stopped at the same step
+    assert f"preempted at step {stopped}; checkpoint saved" in out, out[-3000:]
+
+  _run(split)
+  (step_a, a), (step_b, b) = ckpt_lib.restore_params(full), ckpt_lib.restore_params(split)
+  assert step_a == step_b == TOTAL
+  flat_a, flat_b = ckpt_lib.flatten_for_log(a), ckpt_lib.flatten_for_log(b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_b[k]), np.asarray(flat_a[k]), err_msg=k)
+  la, lb = _losses(full), _losses(split)
+  assert [s for s, _ in la] == list(range(1, TOTAL + 1)) and la == lb
