@@ -351,8 +351,8 @@ def mmdit_inputs(m: nn.Module, latents: jax.Array, timesteps: jax.Array, text_to
   dtype = as_dtype(m.dtype)
   x = m.pos_embed(latents)
   temb = m.time_text_embed(timesteps, pooled_text)
-  context = m.context_embedder(text_tokens.astype(dtype))
-  return x, context, temb
+  context = m.context_embedder(constrain(text_tokens.astype(dtype), ("batch", "length", None)))
+  return x, constrain(context, ("batch", "length", "embed")), temb
 
 
 def mmdit_outputs(m: nn.Module, x: jax.Array, temb: jax.Array, hh: int, ww: int) -> jax.Array:

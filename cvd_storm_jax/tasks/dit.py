@@ -71,6 +71,10 @@ class HashedWordsText(nn.Module):
     table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                        (self.vocab_size, self.width), self.param_dtype)
     valid = (ids > 0)[..., None]
+    # Gathered whole (FSDP's all-gather of a param) from batch-sharded ids: from the sharded table, the partitioner
+    # would have to move the tokens from width- to batch-sharded, which it does by replicating them.
+    table = nn.with_logical_constraint(table, (None, None))
+    ids = nn.with_logical_constraint(ids, ("batch",) + (None,) * (ids.ndim - 1))
     tokens = jnp.where(valid, table[ids], 0.0)
     mean = tokens.sum(-2) / jnp.maximum(valid.sum(-2), 1)
     pooled = nn.Dense(self.pooled_width, param_dtype=self.param_dtype, name="pooled",
