@@ -65,8 +65,8 @@ def merge_params(fresh: Any, loaded: Any, *, what: str = "init_from") -> tuple[A
                     f"{tuple(np.shape(flat_fresh[k]))} in the model")
   if errors:
     raise ValueError("\n".join(errors))
-  merged = {k: (np.asarray(flat_loaded[k]).astype(np.asarray(v).dtype) if k in flat_loaded else v)
-            for k, v in flat_fresh.items()}
+  # Fresh leaves are kept as they are (device arrays stay on their devices); loaded ones take the fresh dtype.
+  merged = {k: (np.asarray(flat_loaded[k]).astype(v.dtype) if k in flat_loaded else v) for k, v in flat_fresh.items()}
   fresh_paths = sorted(k for k in flat_fresh if k not in flat_loaded)
   return traverse_util.unflatten_dict(merged, sep="/"), fresh_paths
 

@@ -226,12 +226,15 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(fresh_state, out_shardings=state_shardings)(init_rng)
     if config.get("init_from"):
-      loaded = ckpt_lib.load_params(config.init_from)
-      host_params = jax.device_get(state["params"])
-      merged, fresh_paths = ckpt_lib.merge_params(host_params, loaded, what=f"init_from={config.init_from}")
+      loaded = ckpt_lib.load_params(config.init_from)  # every process reads the whole file
+      # Merged where the params are: the fresh leaves stay on their devices (params sharded over several processes
+      # cannot be fetched to one host), each process places its shards of the loaded ones.
+      merged, fresh_paths = ckpt_lib.merge_params(state["params"], loaded, what=f"init_from={config.init_from}")
       log.info("init_from %s: %d params loaded, %d initialised fresh", config.init_from,
                len(jax.tree.leaves(loaded)), len(fresh_paths))
-      params = jax.device_put(merged, param_shardings)
+      params = jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else
+                            jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index]),
+                            merged, param_shardings)
       state = dict(state, params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
 
   # ------------------------------------------------------------------------------------------------------------------

@@ -11,36 +11,45 @@ import time
 import numpy as np
 import pytest
 
-from _configs import REPO  # noqa: I100 (configs/ as a module)
+from _configs import REPO, small_dit_config  # noqa: I100 (configs/ as a module)
 from cvd_storm_jax import checkpoint as ckpt_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TOTAL = 6  # steps; the preemption notice arrives at step 1 (process 1 only)
 
-# One process of the run: a one-layer DiT (joint, temporal and cross-view attention), global batch 8 (4 per process)
-# over fsdp=8 (every parameter sharded over both processes' devices), asynchronous checkpoints as in the recipes.
+
+
+def multihost_config(init_from: str):
+  """A one-layer DiT (joint, temporal and cross-view attention), global batch 8 (4 per process) over fsdp=8 (every
+  parameter sharded over both processes' devices), the DiT's params from ``init_from``, asynchronous checkpoints as
+  in the recipes."""
+  c = small_dit_config()
+  c.model.num_layers, c.model.dual_attention_layers, c.model.num_adapter_blocks = 1, (), 0
+  c.model.temporal_layers, c.model.crossview_layers = (0,), (0,)
+  c.progress_bar = False
+  c.data.batch_size = 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+  c.total_steps, c.log_every, c.checkpoint.every_steps = TOTAL, 1, 100
+  c.init_from = init_from
+  return c
+
+
+# One process of the run.
 _DRIVER = r"""
 import logging, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-from _configs import small_dit_config
+from test_multihost import multihost_config
 from cvd_storm_jax.train import train
-workdir, total, notice_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-c = small_dit_config()
-c.model.num_layers, c.model.dual_attention_layers, c.model.num_adapter_blocks = 1, (), 0
-c.model.temporal_layers, c.model.crossview_layers = (0,), (0,)
-c.progress_bar = False
-c.data.batch_size = 8
-c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
-c.total_steps, c.log_every, c.checkpoint.every_steps = total, 1, 100
+workdir, init_from, notice_at = sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 def after_step(step):
   if step == notice_at and jax.process_index() == 1:
     os.kill(os.getpid(), signal.SIGTERM)
 
-train(c, workdir, after_step=after_step)
+train(multihost_config(init_from), workdir, after_step=after_step)
 print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, done", flush=True)
 """
 
@@ -51,7 +60,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(workdir: str, notice_at: int = 0) -> list[str]:
+def _run(workdir: str, init_from: str, notice_at: int = 0) -> list[str]:
   """Both processes of one run; returns their outputs (and fails with them if either exits non-zero)."""
   port = _free_port()
   procs = []
@@ -60,7 +69,7 @@ def _run(workdir: str, notice_at: int = 0) -> list[str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", CVD_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index),
                XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
-    procs.append(subprocess.Popen([sys.executable, "-c", _DRIVER, TESTS, workdir, str(TOTAL), str(notice_at)],
+    procs.append(subprocess.Popen([sys.executable, "-c", _DRIVER, TESTS, workdir, init_from, str(notice_at)],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs, deadline = [], time.monotonic() + 300
   try:
@@ -87,10 +96,29 @@ def _losses(workdir):
 
 
 def test_two_processes_stop_together_and_resume_exactly(tmp_path):
-  full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  _run(full)
+  # The DiT's params from a file (the text embedder's stay fresh): each process places its shards of them.
+  import jax
+  from flax.core import meta
 
-  outs = _run(split, notice_at=1)
+  from cvd_storm_jax import tasks
+  from cvd_storm_jax.data_pipelines import pipeline
+  config = multihost_config("")
+  task = tasks.get_task(config)
+  batch = task.device_batch(next(pipeline.make_iterator(config.data, seed=0)))
+  shapes = meta.unbox(jax.eval_shape(task.init, jax.random.key(0),
+                                     {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}))
+  rng = np.random.default_rng(3)
+  init_from = str(tmp_path / "dit_params")
+  ckpt_lib.save_params(init_from, {"dit": jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype),
+                                                       shapes["dit"])})
+  n_loaded, n_fresh = len(jax.tree.leaves(shapes["dit"])), len(jax.tree.leaves(shapes)) - len(jax.tree.leaves(
+      shapes["dit"]))
+
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  for out in _run(full, init_from):
+    assert f"{n_loaded} params loaded, {n_fresh} initialised fresh" in out, out[-3000:]
+
+  outs = _run(split, init_from, notice_at=1)
   mngr = ckpt_lib.make_manager(os.path.join(split, "checkpoints"), max_to_keep=3, async_save=False)
   stopped = mngr.latest_step()
   mngr.close()
@@ -99,7 +127,7 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path):
   for out in outs:  # both processes, the one without the signal too, stopped at the same step
     assert f"preempted at step {stopped}; checkpoint saved" in out, out[-3000:]
 
-  _run(split)
+  _run(split, init_from)
   (step_a, a), (step_b, b) = ckpt_lib.restore_params(full), ckpt_lib.restore_params(split)
   assert step_a == step_b == TOTAL
   flat_a, flat_b = ckpt_lib.flatten_for_log(a), ckpt_lib.flatten_for_log(b)

@@ -222,18 +222,30 @@ def test_optimizer_state_shardings_follow_params_through_masks():
 
 
 def test_frozen_vae_encoder_stays_fixed_in_training(tmp_path):
-  """latents.kind=vae: the trainer's multi_transform leaves the VAE encoder exactly as initialised."""
+  """latents.kind=vae: the trainer's multi_transform leaves the VAE encoder exactly as initialised. And
+  config.init_from: the file's params (here the DiT's) replace the fresh ones, the rest (the VAE) stays fresh."""
   from cvd_storm_jax import train as train_mod
   config = tiny_config()
   config.num_devices = 1
   config.total_steps, config.log_every, config.checkpoint.every_steps = 2, 1, 1
   config.latents.kind = "vae"
   config.latents.vae = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-  train_mod.train(config, str(tmp_path))
-  m = ckpt_lib.make_manager(os.path.join(str(tmp_path), "checkpoints"), max_to_keep=3, async_save=False)
+  task = tasks.get_task(config)
+  dev = task.device_batch(next(pipeline.make_iterator(config.data, seed=0)))
+  shapes = jax.eval_shape(task.init, jax.random.key(0), {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                                         for k, v in dev.items()})
+  rng = np.random.default_rng(7)
+  given = jax.tree.map(lambda x: rng.normal(0.0, 0.02, x.shape).astype(np.float32), meta.unbox(shapes["dit"]))
+  ckpt_lib.save_params(str(tmp_path / "dit_params"), {"dit": given})
+  config.init_from = str(tmp_path / "dit_params")
+  train_mod.train(config, str(tmp_path / "run"))
+  m = ckpt_lib.make_manager(os.path.join(str(tmp_path / "run"), "checkpoints"), max_to_keep=3, async_save=False)
   first, last = (m.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
                  for s in (1, 2))
   m.close()
+  # The first step's learning rate is 0 (warmup): after it the params are still the initial ones.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(given), jax.tree.leaves(first["dit"])):
+    np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(path))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(first["vae"]), jax.tree.leaves(last["vae"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
