@@ -61,7 +61,16 @@ def _free_port() -> int:
 
 
 def _run(workdir: str, init_from: str, notice_at: int = 0) -> list[str]:
-  """Both processes of one run; returns their outputs (and fails with them if either exits non-zero)."""
+  """Both processes of one training run; returns their outputs."""
+  outs = _run_processes(_DRIVER, TESTS, workdir, init_from, str(notice_at))
+  for out in outs:
+    assert "of 2: 8 devices, done" in out, out[-2000:]
+  return outs
+
+
+def _run_processes(source: str, *args: str) -> list[str]:
+  """``python -c source *args`` as two jax.distributed processes with 4 CPU devices each; returns their outputs
+  (and fails with them if either exits non-zero or they do not finish)."""
   port = _free_port()
   procs = []
   for index in range(2):
@@ -69,7 +78,7 @@ def _run(workdir: str, init_from: str, notice_at: int = 0) -> list[str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", CVD_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index),
                XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
-    procs.append(subprocess.Popen([sys.executable, "-c", _DRIVER, TESTS, workdir, init_from, str(notice_at)],
+    procs.append(subprocess.Popen([sys.executable, "-c", source, *args],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs, deadline = [], time.monotonic() + 300
   try:
@@ -86,7 +95,6 @@ def _run(workdir: str, init_from: str, notice_at: int = 0) -> list[str]:
       p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
-    assert "of 2: 8 devices, done" in out, out[-2000:]
   return outs
 
 
@@ -136,3 +144,31 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(flat_b[k]), np.asarray(flat_a[k]), err_msg=k)
   la, lb = _losses(full), _losses(split)
   assert [s for s, _ in la] == list(range(1, TOTAL + 1)) and la == lb
+
+
+# Pretrained weights loaded inside a jitted init (tasks.common.load_in_init: init_from_vae, latents.vae_from), the
+# output sharded over both processes' devices: every process holds the file's values in its shards.
+_LOAD_IN_INIT = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cvd_storm_jax.tasks.common import load_in_init
+from cvd_storm_jax.train import _init_distributed
+_init_distributed()  # as the trainer does: the layout from the environment, gloo on CPU
+mesh = jax.make_mesh((8,), ("fsdp",))
+want = {"w": np.arange(64 * 3, dtype=np.float32).reshape(64, 3), "b": np.arange(5, dtype=np.float32)}
+init = lambda rng: load_in_init({"w": jax.random.normal(rng, (64, 3)), "b": jnp.zeros(5)}, lambda: want)
+got = jax.jit(init, out_shardings={"w": NamedSharding(mesh, P("fsdp")), "b": NamedSharding(mesh, P())})(
+    jax.random.key(0))
+shards = [(s, want[k]) for k in want for s in got[k].addressable_shards]
+assert len(shards) == 8, len(shards)
+for shard, full in shards:
+  np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+print(f"process {jax.process_index()}: shards hold the loaded values", flush=True)
+"""
+
+
+def test_weights_loaded_inside_a_jitted_init_reach_both_processes():
+  outs = _run_processes(_LOAD_IN_INIT)
+  for index, out in enumerate(outs):
+    assert f"process {index}: shards hold the loaded values" in out, out[-2000:]
