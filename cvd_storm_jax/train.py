@@ -279,7 +279,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # process agree on one step to stop at (a Python handler here would replace the notifier, and processes stopping
   # at different steps would deadlock in the checkpoint's collectives). A single process handles the signal itself.
   sigterm = {"flag": False}
-  old_handler = None
+  restore_sigterm = None
   if jax.distributed.is_initialized():
     from jax.experimental import multihost_utils
 
@@ -295,7 +295,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       del step
       return sigterm["flag"]
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # None: the previous handler was not installed from Python, which cannot reinstall it; the default then.
+    restore_sigterm = lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
   # ------------------------------------------------------------------------------------------------------------------
   # The loop.
@@ -352,8 +354,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    if restore_sigterm is not None:
+      restore_sigterm()
     if writer is not None:
       writer.close()
       jsonl.close()
