@@ -76,13 +76,15 @@ def plan(cfg, batch) -> None:
   from cvd_storm_jax import memory
   from cvd_storm_jax.tasks import get_task
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  switches = {"vae_remat": lambda c: c.model, "gs_remat": lambda c: c.model.gs, "lpips_remat": lambda c: c.loss}
-  fields = {"vae_remat": "vae_remat", "gs_remat": "remat", "lpips_remat": "lpips_remat"}
+  # switch -> (the config section that holds it, its field there)
+  switches = {"vae_remat": (lambda c: c.model, "vae_remat"), "gs_remat": (lambda c: c.model.gs, "remat"),
+              "lpips_remat": (lambda c: c.loss, "lpips_remat")}
   settings = [("as configured", ())] + [(f"{k} off", (k,)) for k in switches] + [("all off", tuple(switches))]
   for label, off in settings:
     trial = cfg.copy_and_resolve_references()
     for name in off:
-      switches[name](trial)[fields[name]] = False
+      section, field = switches[name]
+      section(trial)[field] = False
     task = get_task(trial)
     with pretend_gpu():
       params = jax.eval_shape(lambda r, b: meta.unbox(task.init(r, b)), jax.random.key(0), abstract)

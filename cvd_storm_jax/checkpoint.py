@@ -36,16 +36,25 @@ def save_params(path: str, params: Any) -> None:
     ckptr.wait_until_finished()
 
 
+def _restore_to_host(directory: str, key: str | None = None) -> Any:
+  """A PyTree checkpoint directory (or its subtree ``key``) as numpy arrays on the host, whatever the devices and
+  shardings of the run that wrote it (they name that run's topology)."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    saved = ckptr.metadata(directory).item_metadata.tree
+    wanted = saved if key is None else {key: saved[key]}
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    out = ckptr.restore(directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                               partial_restore=key is not None))
+  return out if key is None else out[key]
+
+
 def load_params(path: str) -> Any:
   """Reads a params pytree written by ``save_params`` as numpy arrays on the host."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"params checkpoint {path!r} does not exist")
-  with ocp.StandardCheckpointer() as ckptr:
-    meta_tree = ckptr.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta_tree,
-                          is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return ckptr.restore(path, target)
+  return _restore_to_host(path)
 
 
 def merge_params(fresh: Any, loaded: Any, *, what: str = "init_from") -> tuple[Any, list[str]]:
@@ -141,15 +150,8 @@ def restore_params(path: str, step: int | None = None) -> tuple[int | None, Any]
       raise FileNotFoundError(f"no checkpoint of step {step} in {path!r} (steps: {sorted(manager.all_steps())})")
   finally:
     manager.close()
-  # Only the params, as host arrays: the saved shardings name the devices of the run that wrote them (another
-  # topology on a cluster), and the optimizer state would take twice the params' memory for nothing.
-  state_dir = os.path.join(path, str(step), "state")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    saved = ckptr.metadata(state_dir).item_metadata.tree
-    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    params = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                  partial_restore=True))["params"]
+  # Only the params, as host arrays (the optimizer state would take twice the params' memory for nothing).
+  params = _restore_to_host(os.path.join(path, str(step), "state"), "params")
   log.info("loaded params of step %d from %s", step, path)
   return step, params
 

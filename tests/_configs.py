@@ -18,3 +18,23 @@ def small_dit_config():
   c.model.num_layers, c.model.dual_attention_layers = 2, (0,)
   c.model.temporal_layers, c.model.crossview_layers, c.model.num_adapter_blocks = (1,), (0,), 1
   return c
+
+
+def write_random_dit_params(config, path: str, seed: int):
+  """A params file (``checkpoint.save_params``) for ``config.init_from``: random values for the DiT's params of the
+  config's task, none for the rest (the text embedder, a VAE), which init_from leaves freshly initialised. Returns
+  (the DiT params written, the abstract params of the whole task)."""
+  import jax
+  import numpy as np
+  from flax.core import meta
+
+  from cvd_storm_jax import checkpoint, tasks
+  from cvd_storm_jax.data_pipelines import pipeline
+  task = tasks.get_task(config)
+  batch = task.device_batch(next(pipeline.make_iterator(config.data, seed=0)))
+  shapes = meta.unbox(jax.eval_shape(task.init, jax.random.key(0),
+                                     {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}))
+  rng = np.random.default_rng(seed)
+  dit = jax.tree.map(lambda x: rng.normal(0.0, 0.02, x.shape).astype(x.dtype), shapes["dit"])
+  checkpoint.save_params(path, {"dit": dit})
+  return dit, shapes

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from _configs import REPO, small_dit_config  # noqa: I100 (configs/ as a module)
+from _configs import REPO, small_dit_config, write_random_dit_params  # noqa: I100 (configs/ as a module)
 from cvd_storm_jax import checkpoint as ckpt_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TOTAL = 6  # steps; the preemption notice arrives at step 1 (process 1 only)
-
 
 
 def multihost_config(init_from: str):
@@ -106,21 +105,10 @@ def _losses(workdir):
 def test_two_processes_stop_together_and_resume_exactly(tmp_path):
   # The DiT's params from a file (the text embedder's stay fresh): each process places its shards of them.
   import jax
-  from flax.core import meta
-
-  from cvd_storm_jax import tasks
-  from cvd_storm_jax.data_pipelines import pipeline
-  config = multihost_config("")
-  task = tasks.get_task(config)
-  batch = task.device_batch(next(pipeline.make_iterator(config.data, seed=0)))
-  shapes = meta.unbox(jax.eval_shape(task.init, jax.random.key(0),
-                                     {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}))
-  rng = np.random.default_rng(3)
   init_from = str(tmp_path / "dit_params")
-  ckpt_lib.save_params(init_from, {"dit": jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype),
-                                                       shapes["dit"])})
-  n_loaded, n_fresh = len(jax.tree.leaves(shapes["dit"])), len(jax.tree.leaves(shapes)) - len(jax.tree.leaves(
-      shapes["dit"]))
+  dit, shapes = write_random_dit_params(multihost_config(""), init_from, seed=3)
+  n_loaded = len(jax.tree.leaves(dit))
+  n_fresh = len(jax.tree.leaves(shapes)) - n_loaded
 
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   for out in _run(full, init_from):

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.core import meta
 
-from _configs import REPO, dit, small_dit_config  # noqa: I100 (configs/ as a module)
+from _configs import REPO, dit, small_dit_config, write_random_dit_params  # noqa: I100 (configs/ as a module)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax import sharding, tasks
 from cvd_storm_jax.data_pipelines import pipeline
@@ -230,13 +230,7 @@ def test_frozen_vae_encoder_stays_fixed_in_training(tmp_path):
   config.total_steps, config.log_every, config.checkpoint.every_steps = 2, 1, 1
   config.latents.kind = "vae"
   config.latents.vae = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-  task = tasks.get_task(config)
-  dev = task.device_batch(next(pipeline.make_iterator(config.data, seed=0)))
-  shapes = jax.eval_shape(task.init, jax.random.key(0), {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                                                         for k, v in dev.items()})
-  rng = np.random.default_rng(7)
-  given = jax.tree.map(lambda x: rng.normal(0.0, 0.02, x.shape).astype(np.float32), meta.unbox(shapes["dit"]))
-  ckpt_lib.save_params(str(tmp_path / "dit_params"), {"dit": given})
+  given, _ = write_random_dit_params(config, str(tmp_path / "dit_params"), seed=7)
   config.init_from = str(tmp_path / "dit_params")
   train_mod.train(config, str(tmp_path / "run"))
   m = ckpt_lib.make_manager(os.path.join(str(tmp_path / "run"), "checkpoints"), max_to_keep=3, async_save=False)
