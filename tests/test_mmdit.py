@@ -105,3 +105,27 @@ def test_bad_latent_channels_raise():
   model = SD3Transformer(**{**CFG, "num_layers": 1})
   with pytest.raises(ValueError, match="channels"):
     model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)), jnp.zeros((1, 2, 24)), jnp.zeros((1, 20)))
+
+
+def test_flop_count_is_the_anchors_definition():
+  # benchmarks/bench_dit.py reports 3 x flops_per_image as model FLOPs; the diffusers anchor counts its forward and
+  # backward with torch's FlopCounterMode. On meta tensors (nothing allocated, ~2 s) at the paper's shapes (SD3.5
+  # medium, 32x56 latents, 154 text tokens) both must be one number, or the TFLOP/s ratio of the two would not be
+  # honest. The anchor's count is a little lower: no input gradients for the embedders' first matmuls.
+  from torch.utils.flop_counter import FlopCounterMode
+  from cvd_storm_jax.models import cvd_dit, mmdit
+  cfg = cvd_dit.default_model_config("sd35_medium")
+  keys = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+          "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+          "pos_embed_max_size", "dual_attention_layers", "qk_norm")
+  b, text_len = 2, 154
+  with torch.device("meta"):
+    model = diffusers.SD3Transformer2DModel(**{k: cfg[k] for k in keys})
+    inputs = dict(hidden_states=torch.randn(b, 16, 32, 56), encoder_hidden_states=torch.randn(b, text_len, 4096),
+                  pooled_projections=torch.randn(b, 2048), timestep=torch.rand(b) * 1000)
+    counter = FlopCounterMode(display=False)
+    with counter:
+      (model(**inputs, return_dict=False)[0] ** 2).mean().backward()
+  ours = 3 * mmdit.flops_per_image(cfg, 32, 56, text_len)
+  anchor = counter.get_total_flops() / b
+  assert 1.0 <= ours / anchor < 1.002, (ours, anchor)
