@@ -37,6 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.total_steps = 200 if tiny else 40_000
   c.log_every = 10 if tiny else 50
   c.max_consecutive_nonfinite = 10  # skipped steps in a row before the run stops (checkpoint intact)
+  # Microbatches per step (gradient accumulation): the step averages the gradients of data.batch_size / N samples
+  # at a time, e.g. the paper's batch of 32 clips on 8 GPUs with N = 4. batch_size must divide by N x data x fsdp.
+  c.grad_accum_steps = 1
   c.progress_bar = True
   c.init_from = ""  # a params file (python -m cvd_storm_jax.pretrained.sd3_transformer --src ... --out ...)
 

@@ -105,4 +105,5 @@ def choose_remat_policy(activation_bytes: Callable[[str], int], state_bytes: int
   gib = ", ".join(f"{p} {b / 2 ** 30:.1f}" for p, b in measured.items())
   raise ValueError(f"no remat policy fits: training state {state_bytes / 2 ** 30:.1f} GiB plus activations "
                    f"({gib} GiB) exceeds {headroom:.0%} of {budget_bytes / 2 ** 30:.1f} GiB; shard the state "
-                   "(mesh fsdp > 1) or shorten the clip")
+                   "(mesh fsdp > 1), accumulate gradients over microbatches (config.grad_accum_steps) or shorten "
+                   "the clip")

@@ -146,6 +146,20 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def split_microbatches(batch: Any, num: int, mesh: Mesh) -> Any:
+  """Each (B, ...) leaf -> (num, B / num, ...), for gradient accumulation; microbatch j holds samples j, j + num,
+  j + 2 num, ... Strided rather than in blocks because each device holds a contiguous block of B / dp rows
+  (``batch_sharding``): with B divisible by num x dp, every microbatch takes B / (num x dp) of each device's own
+  rows, so nothing moves between devices. Inside ``jax.jit`` under the mesh."""
+  def split(x):
+    if x.shape[0] % (num * data_parallel_size(mesh)):
+      raise ValueError(f"batch of {x.shape[0]} does not split into {num} microbatches over "
+                       f"{data_parallel_size(mesh)} data-parallel devices")
+    x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+  return jax.tree.map(split, batch)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

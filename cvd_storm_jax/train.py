@@ -4,12 +4,14 @@ r"""The one trainer: every task (the CVD-STORM DiT, STORM-VAE) trains through th
   python -m cvd_storm_jax.train --config=configs/dit.py --workdir=gs://.../run1 --config.optimizer.lr=1e-4
 
 A linear program in named sections (big_vision's habit): setup, mesh, task and data, shapes first, optimizer and
-state shardings, state (fresh / init_from / resumed), the jitted update, the loop with logging, checkpointing,
-preemption and non-finite handling. Restarting in the same workdir resumes from the latest checkpoint, with the data
-iterator at the same position, and ends with exactly the params of an uninterrupted run.
+state shardings, state (fresh / init_from / resumed), the jitted update (gradients optionally accumulated over
+microbatches), the loop with logging, checkpointing, preemption and non-finite handling. Restarting in the same
+workdir resumes from the latest checkpoint, with the data iterator at the same position, and ends with exactly the
+params of an uninterrupted run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -61,11 +63,12 @@ def _write_config(config: Any, workdir: str) -> None:
 
 
 def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: Any, abstract_params: Any,
-                          abstract_opt: Any, param_shardings: Any, opt_shardings: Any) -> str:
+                          abstract_opt: Any, param_shardings: Any, opt_shardings: Any, accum: int) -> str:
   """config.model.remat_policy = "auto": the least-recomputing policy whose per-device memory fits (memory.py).
 
-  Per device: the state as sharded (params, gradients, optimizer moments) plus the activations the backward pass
-  keeps, measured by tracing the task's loss at the global batch and divided by the data-parallel size (the batch
+  Per device: the state as sharded (params, gradients, optimizer moments; with gradient accumulation one more
+  gradient, the running sum) plus the activations the backward pass keeps, measured by tracing the task's loss at
+  one microbatch (the global batch / accum) of the largest bucket and divided by the data-parallel size (the batch
   is split over data x fsdp; tensor parallelism, not counted, only lowers it). The budget is the allocator's limit
   of the first device, or config.memory_budget_gib when set.
   """
@@ -76,6 +79,10 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
   from cvd_storm_jax import memory, sharding, tasks
 
   state_bytes = memory.train_state_bytes(abstract_params, abstract_opt, param_shardings, opt_shardings)
+  if accum > 1:
+    state_bytes += memory.nbytes(abstract_params, param_shardings)
+    abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((s.shape[0] // accum,) + s.shape[1:], s.dtype),
+                                  abstract_batch)
   budget = int(config.get("memory_budget_gib", 0) * 2 ** 30) or memory.device_memory_bytes(mesh.devices.flat[0])
   if not budget:
     log.warning("remat_policy=auto: the device reports no memory limit and config.memory_budget_gib is 0; using "
@@ -98,6 +105,33 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
   log.info("remat_policy auto -> %s (per device: state %.1f GiB, activations %.1f GiB, budget %.1f GiB)", policy,
            state_bytes / 2 ** 30, measured[policy] / 2 ** 30, budget / 2 ** 30)
   return policy
+
+
+def mean_over_microbatches(value_and_grad: Callable, num: int, mesh: Any, param_shardings: Any, params: Any,
+                           batch: Any, rng: Any, step: Any) -> Any:
+  """Gradient accumulation: ((loss, metrics), grads) of ``value_and_grad(params, batch, rng, step)`` averaged over
+  ``num`` microbatches (``sharding.split_microbatches``: microbatch j holds samples j, j + num, ...), run one after
+  another in a ``lax.scan`` so that one microbatch's activations are live at a time. Microbatch j draws its
+  randomness from ``fold_in(rng, j)``. Each microbatch's loss is its own mean, as in PyTorch's and MaxText's
+  accumulation. Inside ``jax.jit`` under the mesh; the running gradient sum keeps the params' shardings."""
+  import jax
+  import jax.numpy as jnp
+
+  from cvd_storm_jax import sharding
+
+  micro = sharding.split_microbatches(batch, num, mesh)
+  keep_sharded = lambda grads: jax.lax.with_sharding_constraint(grads, param_shardings)
+
+  def add_one(total, j_and_microbatch):
+    j, microbatch = j_and_microbatch
+    (loss, metrics), grads = value_and_grad(params, microbatch, jax.random.fold_in(rng, j), step)
+    total = jax.tree.map(jnp.add, total, ((loss, metrics), grads))
+    return (total[0], keep_sharded(total[1])), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng, step))
+  total, _ = jax.lax.scan(add_one, (zeros[0], keep_sharded(zeros[1])), (jnp.arange(num), micro))
+  return jax.tree.map(lambda x: x / num, total)
 
 
 def _init_distributed() -> None:
@@ -149,9 +183,12 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   dp = sharding.data_parallel_size(mesh)
-  if config.data.batch_size % dp:
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum_steps={accum!r}; expected an integer >= 1")
+  if config.data.batch_size % (dp * accum):
     raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by the data-parallel size "
-                     f"{dp} of mesh {dict(mesh.shape)}")
+                     f"{dp} of mesh {dict(mesh.shape)}" + (f" x config.grad_accum_steps={accum}" if accum > 1 else ""))
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
   # ------------------------------------------------------------------------------------------------------------------
@@ -164,6 +201,12 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
                                   process_count=jax.process_count())
 
   probe = task.device_batch(next(new_iterator()))  # a throw-away iterator: shapes only, the real one stays unread
+  if len(config.data.buckets) > 1:  # memory is sized for the largest bucket, whichever the first batch draws
+    largest = task.device_batch(next(pipeline.make_iterator(
+        pipeline.largest_bucket_config(config.data), seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())))
+  else:
+    largest = probe
 
   # ------------------------------------------------------------------------------------------------------------------
   # Shapes first, then shardings.
@@ -171,8 +214,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   def as_global(host_batch):
     return sharding.host_to_global(host_batch, mesh)
 
-  abstract_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
-                    for k, v in probe.items()}
+  global_shapes = lambda host_batch: {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype)
+                                     for k, v in host_batch.items()}
+  abstract_batch = global_shapes(probe)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed_params = jax.eval_shape(task.init, init_rng, abstract_batch)
@@ -194,8 +238,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # Remat policy: "auto" becomes the least recomputation that fits the device (measured by tracing, before compiling).
   # ------------------------------------------------------------------------------------------------------------------
   if config.get("model") and config.model.get("remat_policy") == "auto":
-    policy = _resolve_remat_policy(config, mesh, rules, abstract_batch, abstract_params, abstract_opt,
-                                   param_shardings, opt_shardings)
+    policy = _resolve_remat_policy(config, mesh, rules, global_shapes(largest), abstract_params, abstract_opt,
+                                   param_shardings, opt_shardings, accum)
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model.remat_policy = policy
@@ -240,10 +284,13 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   # The update step.
   # ------------------------------------------------------------------------------------------------------------------
+  value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
+  if accum > 1:
+    value_and_grad = functools.partial(mean_over_microbatches, value_and_grad, accum, mesh, param_shardings)
+
   def update(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state["params"], batch, step_rng,
-                                                                             state["step"])
+    (loss, metrics), grads = value_and_grad(state["params"], batch, step_rng, state["step"])
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])

@@ -51,6 +51,7 @@ API:
   make_dataset(config, *, seed, process_index=0, process_count=1) -> grain.IterDataset of batches
   make_iterator(config, *, seed, process_index=0, process_count=1) -> grain.DatasetIterator (get_state/set_state)
   bucket_for_batch(config, seed, batch_index) -> int      the bucket index of (global) batch ``batch_index``
+  largest_bucket_config(config) -> dict                    the config drawing only its largest bucket (memory sizing)
   default_data_config(kind) -> ConfigDict                  "tiny" or "paper" (tuples, so that the command line
                                                            can override them: --config.data.mix="(('arrayrecord',
                                                            3.0, '/shards/nusc'), ('arrayrecord', 1.0, '/shards/waymo'))")
@@ -130,6 +131,16 @@ def _buckets(config: Mapping[str, Any]) -> tuple[list[tuple[int, int]], np.ndarr
   if np.any(probs < 0) or probs.sum() <= 0:
     raise ValueError(f"data config bucket probabilities must be >= 0 with a positive sum, got {probs.tolist()}")
   return sizes, probs / probs.sum()
+
+
+def largest_bucket_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of the data config that draws only its largest bucket (most pixels among those with probability > 0):
+  a batch of it has the shapes that bound memory, whichever bucket the real iterator draws first."""
+  sizes, probs = _buckets(config)
+  h, w = max((s for s, p in zip(sizes, probs) if p > 0), key=lambda s: s[0] * s[1])
+  out = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  out["buckets"] = ((h, w, 1.0),)
+  return out
 
 
 def _shuffle_seed(config: Mapping[str, Any], seed: int) -> int:

@@ -112,6 +112,15 @@ def test_single_bucket_batches_and_frequencies():
                                                                       for k in range(50)]
 
 
+def test_largest_bucket_config_sizes_memory():
+  # The trainer sizes memory (remat "auto") on a batch of the largest bucket with a nonzero probability.
+  c = _config(buckets=[(16, 32, 0.2), (40, 72, 0.0), (32, 56, 0.5), (24, 40, 0.3)])
+  big = pipeline.largest_bucket_config(c)
+  assert big["buckets"] == ((32, 56, 1.0),) and c.buckets[2] == (32, 56, 0.5)  # the original is unchanged
+  b = next(pipeline.make_iterator(big, seed=0))
+  assert b["images"].shape[3:5] == (32, 56)
+
+
 def test_mixing_weights():
   c = _config(mix=[("tagged_a", 3.0), ("tagged_b", 1.0)], batch_size=4)
   ids = sum(_ids(_take(pipeline.make_iterator(c, seed=0), 10)), [])

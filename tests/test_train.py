@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny DiT config: sharding equivalence, overfitting, exact resume, config errors."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -34,11 +35,13 @@ def tiny_config(*, small_model: bool = True, **data_overrides):
   return c
 
 
-def _grads_on_mesh(config, mesh_cfg, devices, host_batch):
+def _grads_on_mesh(config, mesh_cfg, devices, batch_np, rng=None, microbatches=1):
+  """(loss, metrics), grads of the task's loss on a device batch, with params and batch sharded over the mesh; with
+  microbatches > 1 through the trainer's gradient accumulation. Also the number of params that are sharded."""
+  from cvd_storm_jax import train as train_mod
   mesh = sharding.make_mesh(mesh_cfg, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   task = tasks.get_task(config)
-  batch_np = task.device_batch(host_batch)
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_np.items()}
   key = jax.random.key(0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -47,34 +50,76 @@ def _grads_on_mesh(config, mesh_cfg, devices, host_batch):
     params = jax.jit(lambda r: meta.unbox(task.init(r, jax.tree.map(jnp.zeros_like, abstract))),
                      out_shardings=shardings)(key)
     batch = sharding.host_to_global(batch_np, mesh)
-    args = (params, batch, jax.random.key(1), jnp.int32(0))
+    args = (params, batch, jax.random.key(1) if rng is None else rng, jnp.int32(0))
+    value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
+    if microbatches > 1:
+      value_and_grad = functools.partial(train_mod.mean_over_microbatches, value_and_grad, microbatches, mesh,
+                                         shardings)
     # Each mesh's program runs once: XLA's backend optimisations off (faster to compile on CPU). The SPMD
     # partitioning, what could make the meshes differ, still runs.
-    fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True)).lower(*args).compile(
-        {"xla_backend_optimization_level": 0})
-    (loss, _), grads = fn(*args)
+    fn = jax.jit(value_and_grad).lower(*args).compile({"xla_backend_optimization_level": 0})
+    (loss, metrics), grads = fn(*args)
     # The params really are laid out over the mesh (not silently replicated).
     n_sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
-  return float(loss), jax.device_get(grads), n_sharded
+  return (float(loss), jax.device_get(metrics)), jax.device_get(grads), n_sharded
+
+
+def _assert_grads_close(grads, reference, what):
+  flat1 = jax.tree_util.tree_leaves_with_path(reference)
+  scale = max(float(np.abs(g).max()) for _, g in flat1)
+  for (path, g1), g in zip(flat1, jax.tree.leaves(grads)):
+    err = float(np.abs(np.asarray(g) - np.asarray(g1)).max())
+    assert err <= 1e-4 * scale, f"{what}: grad {jax.tree_util.keystr(path)} differs by {err} (scale {scale})"
 
 
 def test_sharded_step_matches_single_device():
   config = tiny_config(batch_size=8)
-  host_batch = next(pipeline.make_iterator(config.data, seed=0))
+  batch = tasks.get_task(config).device_batch(next(pipeline.make_iterator(config.data, seed=0)))
   devices = jax.devices()
   assert len(devices) == 8, "tests/conftest.py should give 8 virtual CPU devices"
-  loss1, grads1, _ = _grads_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices[:1], host_batch)
+  (loss1, _), grads1, _ = _grads_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices[:1], batch)
   for mesh_cfg in ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
-    loss, grads, n_sharded = _grads_on_mesh(config, mesh_cfg, devices, host_batch)
+    (loss, _), grads, n_sharded = _grads_on_mesh(config, mesh_cfg, devices, batch)
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-    flat1 = jax.tree_util.tree_leaves_with_path(grads1)
-    flat = jax.tree.leaves(grads)
-    scale = max(float(np.abs(g).max()) for _, g in flat1)
-    for (path, g1), g in zip(flat1, flat):
-      err = float(np.abs(np.asarray(g) - np.asarray(g1)).max())
-      assert err <= 1e-4 * scale, f"{mesh_cfg}: grad {jax.tree_util.keystr(path)} differs by {err} (scale {scale})"
+    _assert_grads_close(grads, grads1, mesh_cfg)
     if mesh_cfg["fsdp"] > 1:
       assert n_sharded > 0
+
+
+def test_gradient_accumulation_is_the_mean_over_microbatches():
+  """config.grad_accum_steps = 2 on a data x fsdp x tensor mesh: the loss, metrics and gradients are the mean of
+  those of the two microbatches (samples 0, 2, 4, 6 and 1, 3, 5, 7, with randomness fold_in(rng, j)), each computed
+  on its own on one device."""
+  config = tiny_config(batch_size=8)
+  batch = tasks.get_task(config).device_batch(next(pipeline.make_iterator(config.data, seed=0)))
+  devices, rng = jax.devices(), jax.random.key(5)
+  (loss, metrics), grads, _ = _grads_on_mesh(config, {"data": 2, "fsdp": 2, "tensor": 2}, devices, batch, rng,
+                                             microbatches=2)
+  parts = [_grads_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices[:1],
+                          {k: v[j::2] for k, v in batch.items()}, jax.random.fold_in(rng, j)) for j in range(2)]
+  np.testing.assert_allclose(loss, np.mean([p[0][0] for p in parts]), rtol=1e-5)
+  for name in metrics:
+    np.testing.assert_allclose(metrics[name], np.mean([p[0][1][name] for p in parts]), rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  assert parts[0][0][0] != parts[1][0][0]  # two different microbatches, so the mean is not trivially either one
+  _assert_grads_close(grads, jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1]), "accumulated")
+
+
+def test_gradient_accumulation_in_the_trainer(tmp_path):
+  """The trainer with grad_accum_steps = 2 over a data=2 mesh: remat "auto" sizes one microbatch, the run trains;
+  a batch that does not split into microbatches over the data-parallel devices stops before anything compiles."""
+  from cvd_storm_jax import train as train_mod
+  config = tiny_config(batch_size=4)
+  config.num_devices, config.mesh.data = 2, 2
+  config.grad_accum_steps = 2
+  config.total_steps, config.log_every = 2, 1
+  config.model.remat_policy, config.memory_budget_gib = "auto", 1000.0
+  train_mod.train(config, str(tmp_path / "run"))
+  losses = _losses(str(tmp_path / "run"))
+  assert [m["step"] for m in losses] == [1, 2] and all(np.isfinite(m["loss"]) for m in losses)
+  config.data.batch_size = 6
+  with pytest.raises(ValueError, match="grad_accum_steps=2"):
+    train_mod.train(config, str(tmp_path / "bad"))
 
 
 def _losses(workdir):
