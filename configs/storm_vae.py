@@ -93,6 +93,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                      {"data": 1, "fsdp": -1, "tensor": 1})
   c.sharding_rules = sharding.default_rules()
 
+  # A jax.profiler trace of steps start_step+1 .. start_step+num_steps (after compilation) on process 0, into the
+  # TensorBoard folder (workdir/tb/plugins/profile/): `tensorboard --logdir $WORKDIR/tb`, Profile tab. 0 = off.
+  c.profile = ml_collections.ConfigDict({"start_step": 10, "num_steps": 0})
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100 if tiny else 1000
   c.checkpoint.keep = 3

@@ -355,9 +355,16 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
              dynamic_ncols=True, desc="train")
   last = {}
   step = start_step
+  # Profiling (config.profile): a trace of a few steps after compilation, where TensorBoard's profile plugin finds it.
+  profile = config.get("profile") or {}
+  profile_from, profile_steps = int(profile.get("start_step", 0)), int(profile.get("num_steps", 0))
+  profile_dir, profiling = os.path.join(workdir, "tb"), False
   t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
   try:
     while step < total:
+      if is_main and profile_steps and step == profile_from:
+        jax.profiler.start_trace(profile_dir)
+        profiling = True
       host = task.device_batch(next(data_iter))
       flops_since += task.flops_per_step(host)
       tokens_since += task.tokens_per_step(host)
@@ -366,6 +373,11 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       step += 1
       steps_since += 1
       bar.update(1)
+      if profiling and (step == profile_from + profile_steps or step == total):
+        jax.block_until_ready(state)  # the trace holds the whole of its last step
+        jax.profiler.stop_trace()
+        profiling = False
+        log.info("profile of steps %d-%d in %s", profile_from + 1, step, profile_dir)
       if after_step is not None:
         after_step(step)
       stop_preempted = preempted(step)
@@ -398,6 +410,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
         log.warning("preempted at step %d; checkpoint saved", step)
         break
   finally:
+    if profiling:  # stopped early (preemption, non-finite steps): the trace so far
+      jax.profiler.stop_trace()
     bar.close()
     manager.wait_until_finished()
     manager.close()

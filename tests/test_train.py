@@ -105,18 +105,23 @@ def test_gradient_accumulation_is_the_mean_over_microbatches():
   _assert_grads_close(grads, jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1]), "accumulated")
 
 
-def test_gradient_accumulation_in_the_trainer(tmp_path):
+def test_gradient_accumulation_and_profiling_in_the_trainer(tmp_path):
   """The trainer with grad_accum_steps = 2 over a data=2 mesh: remat "auto" sizes one microbatch, the run trains;
-  a batch that does not split into microbatches over the data-parallel devices stops before anything compiles."""
+  a batch that does not split into microbatches over the data-parallel devices stops before anything compiles.
+  config.profile: a jax.profiler trace of step 2 lands where TensorBoard's profile plugin looks."""
+  import glob
   from cvd_storm_jax import train as train_mod
   config = tiny_config(batch_size=4)
   config.num_devices, config.mesh.data = 2, 2
   config.grad_accum_steps = 2
   config.total_steps, config.log_every = 2, 1
   config.model.remat_policy, config.memory_budget_gib = "auto", 1000.0
+  config.profile.start_step, config.profile.num_steps = 1, 1
   train_mod.train(config, str(tmp_path / "run"))
   losses = _losses(str(tmp_path / "run"))
   assert [m["step"] for m in losses] == [1, 2] and all(np.isfinite(m["loss"]) for m in losses)
+  traces = glob.glob(str(tmp_path / "run" / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   config.data.batch_size = 6
   with pytest.raises(ValueError, match="grad_accum_steps=2"):
     train_mod.train(config, str(tmp_path / "bad"))
