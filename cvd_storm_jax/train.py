@@ -56,10 +56,19 @@ def _optimizer(opt_cfg: Any, total_steps: int, trainable_mask: Any):
   return tx, lr
 
 
+def _write_text(path: Any, text: str) -> None:
+  """Replaces the file at ``path`` (an etils.epath.Path: a local path or a bucket URL such as gs://) with ``text``,
+  written first beside it and then moved over it, so that a crash mid-write leaves the old file whole. Buckets have
+  no append: the metrics file is rewritten whole at each log (a few hundred KB after 100 k steps)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
 def _write_config(config: Any, workdir: str) -> None:
   """The record of the run: ``workdir/config.json``."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  from etils import epath
+  _write_text(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
 
 
 def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: Any, abstract_params: Any,
@@ -172,7 +181,10 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     _init_distributed()  # multi-host (set by launch/*): before any backend use
   jax.config.update("jax_threefry_partitionable", True)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  # The workdir may be a local path or a bucket (gs://..., through etils.epath; TensorBoard events through
+  # tensorboardX's own gs:// writer; checkpoints through Orbax): every file the run writes goes to it.
+  from etils import epath
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if is_main:
     _write_config(config, workdir)
 
@@ -317,11 +329,12 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   # Logging and preemption.
   # ------------------------------------------------------------------------------------------------------------------
-  writer = jsonl = None
+  writer = None
+  metrics_file = epath.Path(workdir) / "metrics.jsonl"  # one JSON line per logged step, earlier runs' lines kept
+  metrics_lines = metrics_file.read_text() if is_main and metrics_file.exists() else ""
   if is_main:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tb"))
-    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # one JSON line per logged step
   # Preemption. With jax.distributed, JAX's preemption notifier owns SIGTERM: a notice on any process makes every
   # process agree on one step to stop at (a Python handler here would replace the notifier, and processes stopping
   # at different steps would deadlock in the checkpoint's collectives). A single process handles the signal itself.
@@ -395,8 +408,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
           for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, step)
           writer.flush()
-          jsonl.write(json.dumps(last) + "\n")
-          jsonl.flush()
+          metrics_lines += json.dumps(last) + "\n"
+          _write_text(metrics_file, metrics_lines)
         if metrics["nonfinite_run"] > config.max_consecutive_nonfinite:
           stop_nonfinite = True
       if step % config.checkpoint.every_steps == 0 or step == total or stop_preempted or stop_nonfinite:
@@ -419,11 +432,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       restore_sigterm()
     if writer is not None:
       writer.close()
-      jsonl.close()
 
   if is_main and last:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(last, f, indent=1)
+    _write_text(epath.Path(workdir) / "final_metrics.json", json.dumps(last, indent=1))
     print(f"final step {last['step']}: loss {last['loss']:.6f}", flush=True)
   return last
 
