@@ -187,6 +187,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if is_main:
     _write_config(config, workdir)
+    (epath.Path(workdir) / "final_metrics.json").unlink(missing_ok=True)  # this run writes its own, or none
 
   # ------------------------------------------------------------------------------------------------------------------
   # Mesh.
@@ -421,6 +422,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
             f"updated by them and a checkpoint of them is in {workdir}")
       if stop_preempted:
         log.warning("preempted at step %d; checkpoint saved", step)
+        if step < total:
+          last["preempted"] = 1  # in final_metrics.json: launch/slurm_gpu.sbatch requeues the job on it
         break
   finally:
     if profiling:  # stopped early (preemption, non-finite steps): the trace so far
@@ -435,7 +438,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
 
   if is_main and last:
     _write_text(epath.Path(workdir) / "final_metrics.json", json.dumps(last, indent=1))
-    print(f"final step {last['step']}: loss {last['loss']:.6f}", flush=True)
+    print(f"{'preempted at' if last.get('preempted') else 'final'} step {last['step']}: loss {last['loss']:.6f}",
+          flush=True)
   return last
 
 

@@ -117,6 +117,32 @@ def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
                                 np.asarray(full["encoder"]["conv_in"]["kernel"]))
 
 
+def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):
+  """diffusion.loss_form="x0" with loss_on_reference_frames (OpenDWM's C35): the loss is C35's mean over every frame
+  and valid view of ||x_t - sigma v - x0||^2, reference frames included with the sample's sigma."""
+  config = small_dit_config()
+  config.diffusion.loss_form, config.diffusion.loss_on_reference_frames = "x0", True
+  config.conditioning.generation_task_ratio = 0.0  # every sample has reference frames
+  task = dit_task.make_task(config)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}
+  params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
+  seen = {}
+
+  def fake_forward(params, batch, x_t, timesteps, *drops):
+    seen["x_t"], seen["t"] = x_t, timesteps
+    return jnp.sin(3.0 * x_t) + 0.5  # any fixed function of the input: the loss is checked, not the model
+  monkeypatch.setattr(task, "forward", fake_forward)
+  loss, _ = task.loss_fn(params, batch, jax.random.key(3), 0)
+  x_t, t = np.asarray(seen["x_t"], np.float64), np.asarray(seen["t"])
+  assert (t[:, 0] == 0).all() and (t[:, -1] > 0).all()  # frame 0 is a reference, the last one is generated
+  sigma = t[:, -1, 0] / 1000.0
+  x0 = np.asarray(task._latents(params, batch, jax.random.key(9)), np.float64)  # pixel_unshuffle: no randomness
+  err = (x_t - sigma[:, None, None, None, None, None] * (np.sin(3.0 * x_t) + 0.5) - x0) ** 2
+  w = np.broadcast_to(np.asarray(batch["view_mask"], np.float64)[:, None, :], t.shape)
+  want = (err.mean(axis=(3, 4, 5)) * w).sum() / w.sum()
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
 def test_dropped_conditions_change_the_prediction_and_grey_layout(host_batch):
   config = small_dit_config()
   task = dit_task.make_task(config)

@@ -178,6 +178,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, capfd):
   mngr = ckpt_lib.make_manager(os.path.join(split, "checkpoints"), max_to_keep=3, async_save=False)
   assert mngr.latest_step() == n, "SIGTERM must leave a checkpoint at the step it arrived"
   mngr.close()
+  with open(os.path.join(split, "final_metrics.json")) as f:  # what launch/slurm_gpu.sbatch requeues on
+    assert json.load(f)["preempted"] == 1
   train_mod.train(config, split)
 
   def final_params(workdir):
@@ -194,7 +196,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, capfd):
   assert [m["loss"] for m in la] == [m["loss"] for m in lb]
   for workdir in (full, split):
     assert os.listdir(os.path.join(workdir, "tb")), "TensorBoard events expected"
-    assert os.path.exists(os.path.join(workdir, "final_metrics.json"))
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+      assert "preempted" not in json.load(f)
     with open(os.path.join(workdir, "config.json")) as f:
       assert json.load(f)["model"]["remat_policy"] == "minimal"  # the record names the policy that ran
 

@@ -43,8 +43,9 @@ def per_element_loss(v_pred: jax.Array, x0: jax.Array, eps: jax.Array, sigma: ja
                      form: str = "velocity") -> jax.Array:
   """Squared error per element.
 
-  form="velocity": ||v - (eps - x0)||^2 (paper Eq. 4). form="x0": ||x_t - sigma v - x0||^2 = sigma^2 ||v - (eps - x0)||^2
-  (OpenDWM / diffusers SD3 "precondition_outputs").
+  form="velocity": ||v - (eps - x0)||^2 (paper Eq. 4, which writes the target as z0 - eps: the opposite sign of
+  SD3.5's weights, diffusers and OpenDWM, which this follows). form="x0": ||x_t - sigma v - x0||^2
+  = sigma^2 ||v - (eps - x0)||^2 (OpenDWM / diffusers SD3 "precondition_outputs").
   """
   err = v_pred.astype(jnp.float32) - velocity_target(x0, eps).astype(jnp.float32)
   if form == "velocity":

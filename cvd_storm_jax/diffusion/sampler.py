@@ -9,7 +9,7 @@ Everything here is a pure function of a velocity field
 where ``uncond`` says per batch entry whether the unconditional branch (empty prompt, grey layouts, same cameras and
 references) is wanted. With guidance the sampler calls it ONCE on the doubled batch [cond; uncond] (B' = 2B), as
 OpenDWM's pipeline does, so the model sees one program of twice the batch rather than two calls; the caller tiles its
-conditions to 2B accordingly (``tile_for_guidance``).
+conditions to 2B accordingly (as ``generate.py`` does).
 """
 from __future__ import annotations
 

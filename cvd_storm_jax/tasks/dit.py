@@ -272,8 +272,13 @@ class DiTTask:
                      image_task, disable_crossview)
     err = rf.per_element_loss(v, x0, eps, sigma, form=diff.loss_form)
     if diff.loss_on_reference_frames:
-      # C35 keeps reference frames in the loss; their sensible target is zero velocity (the input is already clean).
-      err = jnp.where(ref6, jnp.square(v.astype(jnp.float32)), err)
+      # C35 keeps reference frames in the loss; their input is already clean. The x0 form is C35's own
+      # ||x_t - sigma v - x0||^2 on every frame (x_t: the augmented reference there, so the sample's sigma weights
+      # the references as it weights the generated frames); in the velocity form their target is zero velocity.
+      vf = v.astype(jnp.float32)
+      s6 = sigma[:, None, None, None, None, None]
+      ref_err = jnp.square(x_t - s6 * vf - x0) if diff.loss_form == "x0" else jnp.square(vf)
+      err = jnp.where(ref6, ref_err, err)
       frame_w = jnp.ones((B, T))
     else:
       frame_w = (~is_ref).astype(jnp.float32)
