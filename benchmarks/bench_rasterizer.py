@@ -114,7 +114,7 @@ def count_isects(sc, h, w):
   def count(t):
     proj = K.project(sc["means"] + sc["vel"] * t, sc["quats"], sc["scales"], sc["viewmats"], sc["Ks"], w, h, 0.2,
                      400.0)
-    return K.count_intersections(proj, geom)
+    return K.count_intersections(K.cull_transparent(proj, sc["opac"]), geom)
 
   return [int(count(jnp.float32(t))) for t in TIMES]
 

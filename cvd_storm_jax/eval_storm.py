@@ -1,12 +1,16 @@
 r"""STORM-VAE evaluation: rendered-view metrics, depth metrics, renders (PNG, MP4) and 3DGS .ply export.
 
 Metrics (functions usable on their own, numpy in / numpy out, per image then averaged over images):
-  image_metrics(pred, target)         PSNR (after clamping to [0, 1], STORM), SSIM (Gaussian 11x11, skimage's
-                                      definition, via cvd_storm_jax.losses.ssim).
+  image_metrics(pred, target)         PSNR (after clamping to [0, 1], STORM), SSIM (Gaussian 11x11, population
+                                      statistics: Wang et al.'s standard, skimage with gaussian_weights=True, via
+                                      cvd_storm_jax.losses.ssim; STORM's eval calls skimage with its defaults, a
+                                      7x7 uniform window, which reads ~0.03 higher: not comparable with STORM's SSIM).
   depth_metrics(pred, gt)             on pixels with LiDAR (gt > min_depth): D-RMSE (m, STORM / paper Table 3a),
                                       AbsRel = mean |pred - gt| / gt and delta1 = fraction with max(pred/gt, gt/pred)
-                                      < 1.25 (paper Table 3b; there against Depth-Anything pseudo-GT, here LiDAR).
-  LPIPS comes from the task's LPIPS-VGG when the config enables it (``loss.lpips_net = "vgg16"``).
+                                      < 1.25 (paper Table 3b, which prints them in %; there against Depth-Anything
+                                      pseudo-GT, here LiDAR). Fractions here: x 100 to compare.
+  LPIPS comes from the task's LPIPS-VGG when the config enables it (``loss.lpips_net = "vgg16"``), on the same
+  clamped renders as PSNR and SSIM.
 
 Protocol (STORM's eval, storm_dataset.py STORMDatasetEval): deterministic context (posterior mean), targets = every
 non-context frame of the clip, all real views.
@@ -253,7 +257,7 @@ def batch_metrics(res: Mapping[str, Any], lpips_fn=None) -> dict[str, np.ndarray
   gt = res["gt01"][sel]
   out = dict(image_metrics(pred, gt), **depth_metrics(res["depth"][sel], res["gt_depth"][sel]))
   if lpips_fn is not None and len(pred):
-    out["lpips"] = np.asarray(lpips_fn(pred * 2.0 - 1.0, gt * 2.0 - 1.0))
+    out["lpips"] = np.asarray(lpips_fn(np.clip(pred, 0.0, 1.0) * 2.0 - 1.0, gt * 2.0 - 1.0))
   return out
 
 

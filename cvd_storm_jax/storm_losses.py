@@ -5,12 +5,13 @@ are left out; it uses the primitives of ``cvd_storm_jax.losses``.
 
 L_STORM (GaussianSTORM storm/utils/losses.py, main_storm.py; weights are STORM's README defaults):
   rgb      1.0   MSE of the rendered target views, on de-normalised [0, 1] images;
-  lpips    0.05  LPIPS of the rendered target views (STORM turns it on from iteration 5000: ``lpips_start_step``);
+  lpips    0.05  LPIPS of the rendered target views (STORM turns it on from iteration 5000: ``lpips_start_step``),
+                 on [-1, 1] images as LPIPS expects (STORM feeds [0, 1] into its [-1, 1] scaling layer);
   depth    1.0   L1 of rendered expected z-depth vs projected LiDAR depth on pixels with GT > 0.01, both divided by the
                  largest GT depth of the sample (STORM divides by the batch maximum; per sample here, so that one
                  sample's loss never depends on another's);
   sky      0.1   L1 between rendered alpha and 1 - sky_mask, only for samples that carry a sky mask;
-  flow_reg 0.005 mean squared per-pixel Gaussian velocity (no mask).
+  flow_reg 0.005 mean squared per-pixel Gaussian velocity over the real view slots (STORM has no padded slots).
 All terms are reduced per sample and averaged over the samples that may train the GS branch (``storm_valid``); the
 others (OpenDV: one view, no LiDAR) contribute exactly zero loss and exactly zero gradient to the GS decoder.
 """
@@ -127,7 +128,10 @@ def storm_loss(renders: Mapping[str, Array], target_rgb: Array, target_depth: Ar
   else:
     l_sky = jnp.zeros((b,), jnp.float32)
 
-  l_flow = jnp.mean(jnp.square(velocities.astype(jnp.float32)).reshape(b, -1), axis=-1)
+  # Real view slots only: padded slots' velocities are outputs of discarded tokens (the decoder's view mask).
+  vel_w = jnp.broadcast_to(view_mask.astype(jnp.float32)[:, None, :, None, None], velocities.shape[:5])
+  l_flow = (jnp.sum(jnp.square(velocities.astype(jnp.float32)).sum(-1) * vel_w, axis=(1, 2, 3, 4))
+            / jnp.maximum(3.0 * jnp.sum(vel_w, axis=(1, 2, 3, 4)), 1.0))
 
   if weights.lpips != 0.0:
     if lpips_fn is None:

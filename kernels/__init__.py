@@ -7,8 +7,8 @@ Conventions (shared by every backend; the maths is in `projection.py`):
   opacities [N] in [0, 1]; features [N, C], any C >= 1 (no spherical harmonics).
 - Projection: EWA, Sigma2d = J W Sigma W^T J^T with the perspective Jacobian at the centre, x/z and y/z clamped to
   +-1.3 tan(half FOV) inside J (gsplat v1); + 0.3 on the diagonal (eps2d low-pass); conic = Sigma2d^-1.
-- Culling: centre camera z outside [near, far] (STORM: 0.2, 400 m), det(Sigma2d) <= 0, or the 3-sigma box
-  (radius = ceil(3 sqrt(lambda_max))) entirely off-screen. A Gaussian is composited into every pixel of the 16x16
+- Culling: centre camera z outside [near, far] (STORM: 0.2, 400 m), det(Sigma2d) <= 0, the 3-sigma box
+  (radius = ceil(3 sqrt(lambda_max))) entirely off-screen, or opacity < 1/255 (no effect on any output). A Gaussian is composited into every pixel of the 16x16
   tiles its box overlaps, as in gsplat (so `tile_size` is part of the definition, also for the reference).
 - alpha = min(0.99, opacity * exp(-0.5 d^T Sigma2d^-1 d)), d = pixel - mean2d; splats with alpha < 1/255 are
   skipped; front-to-back in depth order (ties by Gaussian index); a pixel stops before the splat that would bring
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from . import projection, reference, tiled_xla
-from .projection import Projected, project
+from .projection import Projected, cull_transparent, project
 from .tiled_xla import Geometry, Intersections, Splats, count_intersections, default_capacity, intersect
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
@@ -119,7 +119,7 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
     # The projection's per-(camera, Gaussian) intermediates (3x3 covariances, Jacobians, ...) are recomputed in the
     # backward pass rather than kept: elementwise work, against 17 GiB kept at the STORM-VAE scale (18 renders of
     # 2.75 M Gaussians).
-    proj = _project_remat(means, quats, scales, viewmats, Ks, width, height, near, far)
+    proj = cull_transparent(_project_remat(means, quats, scales, viewmats, Ks, width, height, near, far), opacities)
     if backend == "reference":
       f, d, t = reference.composite_dense(proj, opacities, features, width, height, tile_size)
       overflow = jnp.int32(0)
@@ -147,6 +147,6 @@ def _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, back
   return RenderOutput(f, d, 1.0 - t, overflow)
 
 
-__all__ = ["RenderOutput", "rasterize", "PALLAS_REDUCTIONS", "resolve_backend", "project", "Projected", "Geometry",
-           "Intersections", "Splats", "intersect", "count_intersections", "default_capacity", "projection", "reference",
-           "tiled_xla"]
+__all__ = ["RenderOutput", "rasterize", "PALLAS_REDUCTIONS", "resolve_backend", "project", "cull_transparent",
+           "Projected", "Geometry", "Intersections", "Splats", "intersect", "count_intersections", "default_capacity",
+           "projection", "reference", "tiled_xla"]

@@ -108,6 +108,16 @@ def project(means: jax.Array, quats: jax.Array, scales: jax.Array, viewmats: jax
   return Projected(means2d, conics, depths, radius, valid)
 
 
+def cull_transparent(proj: Projected, opacities: jax.Array) -> Projected:
+  """Also culls the Gaussians with opacity below ALPHA_MIN (opacities [N]): their alpha is below it at every pixel,
+  where every backend skips them (no colour, no gradient), so dropping them from the tile lists changes no output
+  and no gradient, only the work (gsplat's projection culls them too). Zero-opacity Gaussians are common: STORM-VAE
+  gives padded view slots opacity 0."""
+  keep = proj.valid & (jax.lax.stop_gradient(opacities) >= ALPHA_MIN)[None, :]
+  return Projected(jnp.where(keep[..., None], proj.means2d, 0.0), jnp.where(keep[..., None], proj.conics, 0.0),
+                   jnp.where(keep, proj.depths, 0.0), jnp.where(keep, proj.radii, 0.0), keep)
+
+
 def tile_rect(means2d: jax.Array, radii: jax.Array, tile_size: int, tiles_x: int, tiles_y: int):
   """Tile range [x0, x1) x [y0, y1) (int32) overlapped by each Gaussian's box; empty where radius == 0.
 

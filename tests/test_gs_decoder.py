@@ -123,6 +123,9 @@ def test_render_shapes_and_gradients(setup):
   alpha = np.asarray(r["alpha"])
   assert 0.0 <= alpha.min() and alpha.max() <= 1.0
   assert alpha[:, :, :2].mean() > 0.3  # the cameras see their own (moved) Gaussians
+  # The padded slot's camera (a real pose here) renders nothing: its work would be wasted, and with the schema's
+  # identity camera of padded slots it would crowd a few tiles.
+  assert alpha[:, :, 2].max() == 0.0
   assert np.isfinite(float(loss))
   leaves = jax.tree_util.tree_leaves_with_path(g_params)
   for path, x in leaves:

@@ -296,6 +296,30 @@ def test_capacity_overflow_is_counted():
   _close(exact.features, ref.features, 1e-5, "exact capacity")
 
 
+def test_transparent_gaussians_take_no_intersections():
+  """Gaussians with opacity below 1/255 (STORM-VAE's padded view slots have opacity 0) are culled at projection, as
+  in gsplat: they change no output and no gradient, and take no place in the intersection lists."""
+  s = random_scene(4, n=200, k=2, c=3)
+  faint = random_scene(5, n=200, k=2, c=3)
+  faint_opacity = jnp.where(jnp.arange(200) % 2 == 0, 0.0, 0.99 / 255.0)
+  both = tuple(jnp.concatenate([a, b]) for a, b in zip(s[:5], faint[:3] + (faint_opacity, faint[4]))) + s[5:]
+  k = s[5].shape[0]
+  geom = K.Geometry(k, W, H, 16, 3, 2, 32)
+  needed = int(jax.jit(lambda *a: K.count_intersections(_project(*a), geom))(*s[:3], *s[5:]))
+  with_faint = int(jax.jit(lambda *a: K.count_intersections(_project(*a), geom))(*both[:3], *both[5:]))
+  assert with_faint > needed + 100  # without the opacity cull they would need that many more places
+  for backend in ("xla", "pallas"):
+    loss = lambda p: loss_and_outputs(backend, p, s[5:], None, capacity=needed)
+    (l1, out1), g1 = jax.value_and_grad(loss, has_aux=True)(s[:5])
+    (l2, out2), g2 = jax.value_and_grad(loss, has_aux=True)(both[:5])
+    assert int(out2.overflow) == 0, backend
+    for a, b, name in zip(out1[:3], out2[:3], ("features", "depth", "alpha")):
+      _close(b, a, 1e-6, f"{backend} {name}")
+    for a, b, name in zip(g1, g2, ("means", "quats", "scales", "opacities", "features")):
+      _close(b[:200], a, 1e-5, f"{backend} d{name}")
+      assert float(jnp.abs(b[200:]).max()) == 0.0, f"{backend} d{name} of the culled"
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_vmap_over_scenes_and_jit(backend):
   # The STORM-VAE renderer vmaps the rasterizer over samples and target times: forward and gradients under vmap.

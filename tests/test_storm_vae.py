@@ -92,6 +92,20 @@ def _all_finite(tree):
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+
+def test_flow_regulariser_counts_real_view_slots_only():
+  """storm_loss's velocity regulariser is the mean squared velocity over the real views' Gaussians: the padded slot's
+  velocities (outputs of tokens the decoder discards) do not count, whatever they are."""
+  from cvd_storm_jax import storm_losses
+  b, tt, t, v, h, w = 1, 1, 2, 3, 4, 5
+  vel = jnp.ones((b, t, v, h, w, 3)).at[:, :, 2].set(100.0)  # slot 2 is padded
+  renders = {"rgb": jnp.zeros((b, tt, v, h, w, 3)), "depth": jnp.zeros((b, tt, v, h, w)),
+             "alpha": jnp.zeros((b, tt, v, h, w))}
+  _, m = storm_losses.storm_loss(renders, jnp.zeros((b, tt, v, h, w, 3)), jnp.zeros((b, tt, v, h, w)),
+                                 jnp.array([[True, True, False]]), jnp.array([True]), vel,
+                                 weights=storm_losses.StormLossWeights(lpips=0.0))
+  np.testing.assert_allclose(float(m["storm_flow_reg"]), 1.0, rtol=1e-6)
+
 def test_storm_gradient_reaches_gs_decoder_and_encoder(env):
   (loss, (m, aux)), g = env["grad_fn"](env["params"], env["mixed"], jax.random.key(1), 0.0, 1.0)  # L_STORM only
   assert np.isfinite(float(loss)) and float(loss) > 0

@@ -168,16 +168,18 @@ def timestep_frequencies(t: Array, dim: int, max_period: float = 1e4) -> Array:
 
 
 class Mlp(nn.Module):
-  """Linear -> GELU -> Linear (timm Mlp)."""
+  """Linear -> GELU -> Linear (timm Mlp); Linear -> SiLU -> Linear with silu=True (DiT's and STORM's time
+  embedder)."""
   hidden: int
   out: int
   cfg: GSDecoderConfig
   dtype: Any = None
+  silu: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = _dense(self.hidden, ("embed", "mlp"), self.cfg, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.silu(x) if self.silu else nn.gelu(x, approximate=False)
     return _dense(self.out, ("mlp", "embed"), self.cfg, dtype=self.dtype, name="fc2")(x)
 
 
@@ -255,7 +257,7 @@ class GSDecoder(nn.Module):
     normal = lambda names: nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
     self.patch_embed = _dense(d, ("conv_in", "embed"), cfg, name="patch_embed")
     self.pos_embed = self.param("pos_embed", normal((None, None, "embed")), (*cfg.pos_grid, d), cfg.param_dtype)
-    self.time_mlp = Mlp(d, d, cfg, name="time_embed")
+    self.time_mlp = Mlp(d, d, cfg, silu=True, name="time_embed")
     self.sky_token = self.param("sky_token", normal((None, "embed")), (1, d), cfg.param_dtype)
     self.affine_tokens = self.param("affine_tokens", normal((None, "embed")), (cfg.num_views, d), cfg.param_dtype)
     self.motion_tokens = self.param("motion_tokens", normal((None, "embed")), (cfg.num_motion_tokens, d),
@@ -305,7 +307,8 @@ class GSDecoder(nn.Module):
     Returns:
       dict with means, dirs [B, T, V, H, W, 3]; scales [.., 3]; quats [.., 4] (wxyz, unit); opacities, depths
       [B, T, V, H, W]; colors [.., 3] ([-1, 1] space); velocities [.., 3] (m/s); times [B, T]; sky_token [B, D];
-      affine [B, V, 3, 4] (colour transform, identity at init).
+      affine [B, V, 3, 4] (colour transform, identity at init); view_mask [B, V] (``render`` draws nothing into
+      padded slots).
     """
     cfg = self.cfg
     b, t, v, h, w, c = latents.shape
@@ -376,7 +379,7 @@ class GSDecoder(nn.Module):
       self.sky_head(jnp.zeros((b, 1, 3), jnp.float32), sky_tok.astype(jnp.float32))
     return dict(means=means, dirs=dirs, scales=scales, quats=quats, opacities=opacities, depths=depths,
                 colors=colors, velocities=velocities, times=times.astype(jnp.float32),
-                sky_token=sky_tok.astype(jnp.float32), affine=affine)
+                sky_token=sky_tok.astype(jnp.float32), affine=affine, view_mask=view_mask)
 
   def sky(self, dirs: Array, sky_token: Array) -> Array:
     """Sky colour [B, ..., 3] ([-1, 1] space) for unnormalised ray directions [B, ..., 3]."""
@@ -401,6 +404,12 @@ class GSDecoder(nn.Module):
     b, tt, v = cam_to_ref.shape[:3]
     flat = flatten(gaussians)
     viewmats = jnp.linalg.inv(cam_to_ref.astype(jnp.float32))
+    if gaussians.get("view_mask") is not None:
+      # Padded view slots render nothing: a camera with every point behind it. The schema's identity camera of a
+      # padded slot (at the ego origin, looking up, one pixel per metre) would pile the scene into a few tiles,
+      # whose long lists set the loop length of every tile and fill the shared intersection capacity.
+      blind = jnp.zeros((4, 4), jnp.float32).at[2, 3].set(-1.0).at[3, 3].set(1.0)
+      viewmats = jnp.where(gaussians["view_mask"][:, None, :, None, None], viewmats, blind)
 
     def one(g: Gaussians, tgt_t: Array, vm: Array, ks: Array):
       moved = gaussians_at(g, tgt_t)
