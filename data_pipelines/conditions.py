@@ -20,8 +20,9 @@ sample's intrinsics belong to its own image size and are rescaled here, see geom
       cam_to_ego (flat 4x4 entries 2, 6, 10 = camera z axis in ego; 3, 7, 11 = camera origin). Zero rows for
       padded view slots.
   view_adjacency(view_mask, dataset="") -> bool [V, V]
-      Ring over the real views in slot order: each attends to itself and its previous/next real view (wrapping).
-      Padded slots attend only themselves. Identity when there is <= 1 real view or the dataset is "opendv".
+      Ring over the view slots: each real view attends to itself and to the previous/next slot (wrapping) when that
+      slot is real, so a padded slot breaks the ring (Waymo: a chain). Padded slots attend only themselves.
+      Identity when there is <= 1 real view or the dataset is "opendv".
   add_conditions(sample, hw=None, **kw, out=None) -> new sample with box_images, map_images, depth,
       camera_params, view_adjacency (sample must already be at ``hw``; use resize_sample first).
   resize_sample(sample, H, W, images_out=None) -> new sample
@@ -283,13 +284,14 @@ def view_adjacency(view_mask: np.ndarray, dataset: str = "") -> np.ndarray:
   view_mask = np.asarray(view_mask, bool)
   V = view_mask.shape[0]
   adj = np.eye(V, dtype=bool)
-  real = np.flatnonzero(view_mask)
-  if dataset == "opendv" or len(real) <= 1:
+  if dataset == "opendv" or view_mask.sum() <= 1:
     return adj
-  n = len(real)
-  for i, v in enumerate(real):
-    adj[v, real[(i - 1) % n]] = True
-    adj[v, real[(i + 1) % n]] = True
+  # Neighbours by slot position, linked only when both slots are real: a padded slot breaks the ring, so Waymo's
+  # five cameras (empty back slot) form OpenDWM's chain SIDE_LEFT .. SIDE_RIGHT, without linking the two side
+  # cameras, which look in opposite directions.
+  for v in np.flatnonzero(view_mask):
+    for u in ((v - 1) % V, (v + 1) % V):
+      adj[v, u] |= bool(view_mask[u])
   return adj
 
 

@@ -51,12 +51,12 @@ BOX_EDGES = np.array([
 ], dtype=np.int64)
 # Faces as corner quads wound counter-clockwise seen from outside (normal = (c1 - c0) x (c2 - c0) points out).
 BOX_FACES = np.array([
-    [0, 1, 2, 3],  # front  (+x)
-    [5, 4, 7, 6],  # back   (-x)
-    [4, 0, 3, 7],  # left   (+y)
-    [1, 5, 6, 2],  # right  (-y)
-    [3, 2, 6, 7],  # top    (+z)
-    [4, 5, 1, 0],  # bottom (-z)
+    [3, 2, 1, 0],  # front  (+x)
+    [6, 7, 4, 5],  # back   (-x)
+    [7, 3, 0, 4],  # left   (+y)
+    [2, 6, 5, 1],  # right  (-y)
+    [7, 6, 2, 3],  # top    (+z)
+    [0, 1, 5, 4],  # bottom (-z)
 ], dtype=np.int64)
 
 # OpenCV camera axes expressed in the ego frame for a camera looking along ego +x: x_cam = -y_ego (right),

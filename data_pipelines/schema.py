@@ -41,8 +41,9 @@ Derived conditions (added by ``data_pipelines.conditions`` from the fields above
   depth         float32 [T, V, H, W]     LiDAR depth along the camera z axis (metres), 0 where no point.
   camera_params float32 [T, V, 11]       OpenDWM C35 "fps_camera_transforms": fps, fx/H, fy/H, cx/W, cy/H (original
                                          scale), cam_to_ego entries 2, 6, 10 (camera z axis) and 3, 7, 11 (origin).
-  view_adjacency bool   [V, V]           cross-view attention mask: ring (self + 2 neighbours) over real views;
-                                         identity for single-view clips and OpenDV.
+  view_adjacency bool   [V, V]           cross-view attention mask: self + the neighbouring slots on the ring of
+                                         view slots, where both are real (a padded slot breaks the ring: Waymo's
+                                         five cameras form a chain); identity for single-view clips and OpenDV.
 
 Optional fields (validated when present; ``validate`` never requires them):
   sky_mask      bool    [T, V, H, W]     True where the pixel shows sky (STORM sky loss); absent = no sky labels.
@@ -60,7 +61,10 @@ import numpy as np
 BOX_CLASSES = ("pedestrian", "car", "truck", "bus", "bicycle", "motorcycle", "construction", "emergency", "trailer")
 BOX_COLORS = ((255, 0, 0), (0, 0, 255), (255, 255, 0), (128, 0, 128), (128, 255, 0), (0, 255, 128),
               (128, 128, 255), (255, 128, 128), (255, 255, 255))
-# Map classes: nuScenes drivable_area / Waymo road_edge; lane / road_line; ped_crossing / crosswalk.
+# Map classes: road_edge (nuScenes drivable_area outlines, Waymo road edges, AV2 drivable-area boundaries);
+# lane_line (nuScenes lane and road dividers, Waymo road lines, AV2 lane boundaries); crosswalk (ped_crossing
+# outlines / crosswalk polygons / pedestrian crossings). OpenDWM's nuScenes layout draws lane polygon outlines
+# instead of dividers: a documented difference of the nuScenes reader.
 MAP_CLASSES = ("road_edge", "lane_line", "crosswalk")
 MAP_COLORS = ((0, 0, 255), (0, 255, 0), (255, 0, 0))
 # Layout images of a dropped condition are filled with grey 32/255 (OpenDWM C35 uncondition_image_color).

@@ -17,8 +17,11 @@ Conventions (all documented choices):
     them into OpenCV axes. K = [[f_u, 0, c_u], [0, f_v, c_v], [0, 0, 1]] at the calibration width x height, rescaled
     to ``image_size`` (images are resized without keeping aspect, like OpenDWM). Lens distortion (k1, k2, p1, p2,
     k3) is ignored: the schema is pinhole.
-  * Ego pose: ``frame.pose`` (vehicle -> world, row-major 4x4). Waymo's vehicle frame is x forward, y left, z up,
-    like the schema's ego frame.
+  * World frame = the segment's map frame. ``frame.pose`` (vehicle -> pose frame, row-major 4x4) drifts against the
+    map; each frame carries its own ``map_pose_offset`` that must be *added* to that frame's pose-frame points to
+    align them with the map (dataset.proto; the official maps tutorial does ``points = pose @ p; points += offset``
+    with each frame's own offset). So ``ego_to_world[t] = Translate(offset_t) @ pose_t``. Waymo's vehicle frame is
+    x forward, y left, z up, like the schema's ego frame.
   * Boxes: ``laser_labels`` (vehicle frame of that frame): [center_x, y, z, length, width, height, heading].
     Types: VEHICLE -> car, PEDESTRIAN -> pedestrian, CYCLIST -> bicycle; SIGN and UNKNOWN are dropped (no schema
     class). Track ids are a CRC32 hash (31 bits) of the label's string id, so they are stable over the whole segment
@@ -27,17 +30,18 @@ Conventions (all documented choices):
     images (datasets.md §2.3, the official ``convert_range_image_to_cartesian``): inclinations from
     ``beam_inclinations`` when non-empty, else uniform between min and max at row centres, reversed so row 0 is the
     highest beam; azimuth ``((W - col - 0.5) / W * 2 - 1) * pi - atan2(E10, E00)``; spherical -> laser frame ->
-    vehicle frame by the extrinsic E. TOP only: the per-pixel vehicle->world pose (``range_image_pose_compressed``,
-    [H, W, 6] roll, pitch, yaw, x, y, z; R = Rz(yaw) Ry(pitch) Rx(roll)) is applied and the points are mapped back
-    with inv(frame.pose): rolling-shutter compensation into the frame's vehicle frame. Pixels with range <= 0 are no
-    return. Each frame's cloud is subsampled to ``max_points`` with a seed derived from the frame index, so a
-    frame's points do not depend on the clip window.
+    vehicle frame by the extrinsic E. TOP only: the per-pixel vehicle->pose-frame pose
+    (``range_image_pose_compressed``, [H, W, 6] roll, pitch, yaw, x, y, z; R = Rz(yaw) Ry(pitch) Rx(roll)) is applied
+    and the points are mapped back with inv(frame.pose) (both in the pose frame, so the map offset plays no part):
+    rolling-shutter compensation into the frame's vehicle frame. Pixels with range <= 0 are no return. Each frame's
+    cloud is subsampled to ``max_points`` with a seed derived from the frame index, so a frame's points do not depend
+    on the clip window.
   * Map: ``map_features`` of the segment's first frame (the only frame that carries them). road_edge -> road_edge,
     road_line -> lane_line, crosswalk polygons (closed) -> crosswalk; lane centres -> lane_line only with
     ``include_lane_centers=True`` (OpenDWM draws road lines, road edges and crosswalks, not lane centres).
-    ``map_pose_offset`` must be *added* to a frame's points to align them with the map (dataset.proto), so the map
-    is moved into the pose frame by subtracting the first frame's offset. Polylines are packed per clip with
-    ``readers.pack_polylines`` anchored at the clip's ego path.
+    Map points are kept as stored: they already are in the world (map) frame, and each frame's offset goes into its
+    ego_to_world instead (moving the map by frame 0's offset alone would misalign frame t by offset_t - offset_0).
+    Polylines are packed per clip with ``readers.pack_polylines`` anchored at the clip's ego path.
   * Captions: from ``context.stats`` (time_of_day, weather, location), the same for every frame and view.
 
 Errors: an unreadable/corrupt record, a missing camera or laser, or a bad JPEG raise ``ReaderError`` whose message
@@ -204,9 +208,18 @@ def caption_from_stats(stats) -> str:
   return text + "."
 
 
+def ego_to_map(frame) -> np.ndarray:
+  """[4, 4] vehicle -> map (= schema world) of one frame: ``frame.pose``, then that frame's ``map_pose_offset``.
+
+  The offset compensates the pose drift of its own frame, so frame 0's offset cannot stand in for later frames.
+  """
+  pose = transform_from_proto(frame.pose)
+  pose[:3, 3] += (frame.map_pose_offset.x, frame.map_pose_offset.y, frame.map_pose_offset.z)
+  return pose
+
+
 def _map_polylines(frame, include_lane_centers: bool) -> list[tuple[np.ndarray, int]]:
-  """World-frame polylines of a Frame's ``map_features`` ([(points [n, 3] float64, class)])."""
-  offset = np.array([frame.map_pose_offset.x, frame.map_pose_offset.y, frame.map_pose_offset.z])
+  """World(= map)-frame polylines of a Frame's ``map_features`` ([(points [n, 3] float64, class)])."""
   out = []
   for feature in frame.map_features:
     kind = feature.WhichOneof("feature_data")
@@ -220,7 +233,7 @@ def _map_polylines(frame, include_lane_centers: bool) -> list[tuple[np.ndarray, 
       pts, cls, closed = feature.lane.polyline, "lane_line", False
     else:
       continue
-    p = np.array([[q.x, q.y, q.z] for q in pts], np.float64).reshape(-1, 3) - offset
+    p = np.array([[q.x, q.y, q.z] for q in pts], np.float64).reshape(-1, 3)
     if closed and len(p) > 2:
       p = np.concatenate([p, p[:1]])
     if len(p) >= 2:
@@ -299,12 +312,12 @@ class WaymoReader(readers.ClipReader):
 
   @functools.lru_cache(maxsize=8)
   def _scene_info(self, scene: str):
-    """(context of frame 0, world-frame map polylines, timestamp_micros of frame 0) of a scene."""
+    """(context of frame 0, world(= map)-frame map polylines, timestamp_micros of frame 0) of a scene."""
     first = self._frame(scene, 0)
     return first.context, _map_polylines(first, self.include_lane_centers), first.timestamp_micros
 
   def scene_map(self, scene: str) -> list[tuple[np.ndarray, int]]:
-    """World-frame map polylines [(points [n, 3] float64, class)] of a scene (before per-clip packing)."""
+    """World(= map)-frame map polylines [(points [n, 3] float64, class)] of a scene (before per-clip packing)."""
     return self._scene_info(scene)[1]
 
   def _output_hw(self, context) -> tuple[int, int]:
@@ -349,7 +362,7 @@ class WaymoReader(readers.ClipReader):
       intr[slot] = geometry.resize_intrinsics(intrinsic_matrix(calib.intrinsic), calib_hw, hw)
       c2e[slot] = camera_to_ego(transform_from_proto(calib.extrinsic))
       original[slot] = (calib_hw[1], calib_hw[0])
-    pose = transform_from_proto(frame.pose)
+    pose = transform_from_proto(frame.pose)  # Pose frame, not world: the TOP per-pixel poses are expressed in it.
 
     boxes, cls, tids = [], [], []
     for label in frame.laser_labels:
@@ -369,7 +382,7 @@ class WaymoReader(readers.ClipReader):
     caption = caption_from_stats(first_context.stats)
     return {
         "images": out_images, "view_mask": VIEW_MASK.copy(), "intrinsics": intr.astype(np.float32),
-        "cam_to_ego": c2e.astype(np.float32), "ego_to_world": pose.astype(np.float32),
+        "cam_to_ego": c2e.astype(np.float32), "ego_to_world": ego_to_map(frame).astype(np.float32),
         # Relative to the segment start: absolute seconds (~1.6e9) would lose sub-microsecond precision.
         "timestamp": (frame.timestamp_micros - first_us) * 1e-6, "original_size": original,
         "boxes": boxes_p[0, :n_boxes], "box_class": cls_p[0, :n_boxes], "box_track_id": tids_p[0, :n_boxes],

@@ -78,6 +78,18 @@ def test_lidar_point_lands_on_expected_pixel_with_depth():
   assert d2[0, 0, int(np.floor(v2 + 0.5)), int(np.floor(u2 + 0.5))] == pytest.approx(20.0, abs=1e-4)
 
 
+def test_box_faces_are_planar_quads_with_outward_normals():
+  # The synthetic renderer draws the faces whose outward normal points at the camera (back-face culling).
+  box = np.array([3.0, -2.0, 0.8, 4.5, 2.0, 1.6, 0.7])
+  faces = geometry.box_faces(box[None])[0]  # [6, 4, 3]
+  n = np.cross(faces[:, 1] - faces[:, 0], faces[:, 2] - faces[:, 0])
+  out = faces.mean(1) - box[:3]  # from the box centre to each face centre
+  assert (np.einsum("fi,fi->f", n, out) > 0).all()
+  assert np.allclose(np.einsum("fi,fi->f", n, faces[:, 3] - faces[:, 0]), 0.0)  # the 4th corner is on the plane
+  assert sorted(map(tuple, np.sort(geometry.BOX_FACES, axis=1))) == sorted(  # the six faces of the box
+      [(0, 1, 2, 3), (4, 5, 6, 7), (0, 3, 4, 7), (1, 2, 5, 6), (2, 3, 6, 7), (0, 1, 4, 5)])
+
+
 def test_box_edges_drawn_where_projection_says():
   box = np.array([15.0, 1.0, 0.8, 4.5, 2.0, 1.6, 0.4])  # a car ahead-left, yawed
   s = _sample(boxes=[box], classes=[1], hw=(180, 320))
@@ -178,11 +190,14 @@ def test_view_adjacency_ring_and_identity():
   adj = conditions.view_adjacency(np.ones(6, bool))
   for v in range(6):
     assert set(np.flatnonzero(adj[v])) == {v, (v - 1) % 6, (v + 1) % 6}
-  # Waymo-like: 5 real views, slot 5 padded -> ring over 0..4, slot 5 only itself.
-  adj = conditions.view_adjacency(np.array([1, 1, 1, 1, 1, 0], bool))
-  assert set(np.flatnonzero(adj[0])) == {0, 1, 4}
-  assert set(np.flatnonzero(adj[4])) == {3, 4, 0}
-  assert set(np.flatnonzero(adj[5])) == {5}
+  # Waymo: 5 real views, the back slot 3 padded -> the chain SIDE_RIGHT (2) .. FRONT (0) .. SIDE_LEFT (4), without
+  # linking the two side cameras across the missing back camera (OpenDWM's chain); slot 3 only itself.
+  adj = conditions.view_adjacency(np.array([1, 1, 1, 0, 1, 1], bool))
+  assert set(np.flatnonzero(adj[0])) == {5, 0, 1}
+  assert set(np.flatnonzero(adj[2])) == {1, 2}
+  assert set(np.flatnonzero(adj[4])) == {4, 5}
+  assert set(np.flatnonzero(adj[3])) == {3}
+  np.testing.assert_array_equal(adj, adj.T)
   np.testing.assert_array_equal(conditions.view_adjacency(np.ones(6, bool), "opendv"), np.eye(6, dtype=bool))
   np.testing.assert_array_equal(conditions.view_adjacency(np.array([1, 0, 0], bool)), np.eye(3, dtype=bool))
 

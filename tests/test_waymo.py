@@ -71,8 +71,8 @@ def test_calibration_conversion_by_hand(sample):
 
 
 def test_pose_and_boxes_by_hand(sample):
-  for t in range(3):
-    np.testing.assert_allclose(sample["ego_to_world"][t], wf.ego_pose(t + 1), atol=1e-4)
+  for t in range(3):  # World = map frame: the stored pose plus that frame's own map_pose_offset.
+    np.testing.assert_allclose(sample["ego_to_world"][t], wf.true_pose(t + 1), atol=1e-4)
   # SIGN dropped; VEHICLE -> car, PEDESTRIAN -> pedestrian; sorted by distance (pedestrian at 5 m first).
   frame = 1
   got = {int(c): b for c, b, m in zip(sample["box_class"][0], sample["boxes"][0], sample["box_mask"][0]) if m}
@@ -129,16 +129,39 @@ def test_uniform_inclinations_when_list_empty():
   np.testing.assert_allclose(incl, [0.3, 0.1, -0.1, -0.3])
 
 
+def _sample_map_lines(sample) -> dict:
+  return {int(c): p[m] for p, c, m in zip(sample["map_points"], sample["map_class"], sample["map_mask"]) if c >= 0}
+
+
 def test_map_in_world_frame(sample):
-  # map_pose_offset is added to points to align them with the map, so map -> world subtracts it. Lane centres are
-  # left out by default (OpenDWM draws road edges, road lines and crosswalks).
-  lines = {int(c): p[m] for p, c, m in zip(sample["map_points"], sample["map_class"], sample["map_mask"]) if c >= 0}
+  # World = map frame, so the stored map points are kept as they are (the offset goes into ego_to_world). Lane
+  # centres are left out by default (OpenDWM draws road edges, road lines and crosswalks).
+  lines = _sample_map_lines(sample)
   src = dict((k, p) for k, p in wf.map_lines())
   assert sorted(lines) == [0, 1, 2]
-  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("road_edge")], src["road_edge"] - wf.MAP_OFFSET)
-  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("lane_line")], src["road_line"] - wf.MAP_OFFSET)
-  closed = np.concatenate([src["crosswalk"], src["crosswalk"][:1]]) - wf.MAP_OFFSET
-  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("crosswalk")], closed)
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("road_edge")], src["road_edge"], atol=1e-5)
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("lane_line")], src["road_line"], atol=1e-5)
+  closed = np.concatenate([src["crosswalk"], src["crosswalk"][:1]])
+  np.testing.assert_allclose(lines[schema.MAP_CLASSES.index("crosswalk")], closed, atol=1e-5)
+
+
+def test_map_lands_at_true_ego_position_every_frame(sample):
+  # Each frame has its own map_pose_offset and the car moves, so the map seen from frame t's ego frame must match the
+  # ground-truth vehicle pose of frame t -- not only of frame 0 (using frame 0's offset for all frames misplaces the
+  # map by offset_t - offset_0, here 0.5-1.5 m).
+  lines = _sample_map_lines(sample)
+  src = dict((k, p) for k, p in wf.map_lines())
+  road_line = lines[schema.MAP_CLASSES.index("lane_line")].astype(np.float64)
+  for t in range(3):
+    world_to_ego = geometry.invert_rigid(sample["ego_to_world"][t].astype(np.float64))
+    want = geometry.transform_points(geometry.invert_rigid(wf.true_pose(t + 1)), src["road_line"])
+    np.testing.assert_allclose(geometry.transform_points(world_to_ego, road_line), want, atol=1e-3)
+  # By hand for frame 1 (yaw 0.05, car at (101, 50.2, 3)): the line's start (90, 50, 0) is ~11 m behind, 0.35 m left.
+  c, s = np.cos(0.05), np.sin(0.05)
+  d = np.array([90.0 - 101.0, 50.0 - 50.2, -3.0])
+  by_hand = np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1], d[2]])
+  world_to_ego = geometry.invert_rigid(sample["ego_to_world"][0].astype(np.float64))
+  np.testing.assert_allclose(geometry.transform_points(world_to_ego, road_line[:1])[0], by_hand, atol=1e-3)
 
 
 def test_bad_inputs_raise_reader_error(tmp_path):

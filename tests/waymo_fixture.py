@@ -1,8 +1,10 @@
 """Synthesizes tiny Waymo v1 segments in the real on-disk format (TFRecord of ``Frame`` protos).
 
 Each frame has 5 camera JPEGs (a distinct solid colour per camera), calibrations, a vehicle pose, laser labels,
-first-return range images for all 5 lasers (zlib-compressed ``MatrixFloat``; the TOP one with a per-pixel pose) and,
-in frame 0 only, map features plus a ``map_pose_offset``. ``write_segment`` returns the ground truth the tests check.
+first-return range images for all 5 lasers (zlib-compressed ``MatrixFloat``; the TOP one with a per-pixel pose), its
+own ``map_pose_offset`` and, in frame 0 only, map features. The module's functions give the ground truth the tests
+check: ``true_pose`` (vehicle -> map = world) is what the car really does; the stored ``frame.pose`` (``ego_pose``)
+drifts from it by ``-map_offset(i)``, as in real segments, where adding each frame's offset re-aligns it with the map.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ TOP_EXTRINSIC_T = np.array([1.0, 0.0, 2.0])
 # The one TOP return: (row, col, range).
 TOP_RETURN = (1, 2, 10.0)
 STATS = {"time_of_day": "Day", "location": "location_sf", "weather": "sunny"}
+# map_pose_offset of frame i = MAP_OFFSET + i * MAP_OFFSET_DRIFT: it differs per frame, so a reader that applies
+# frame 0's offset to every frame is caught.
 MAP_OFFSET = np.array([0.5, -0.25, 0.0])
+MAP_OFFSET_DRIFT = np.array([0.4, -0.3, 0.1])
 
 
 def rigid(yaw: float, t) -> np.ndarray:
@@ -42,8 +47,20 @@ def camera_extrinsic(name: int) -> np.ndarray:
   return rigid(yaw, (1.5, 0.1 * name, 2.0))
 
 
-def ego_pose(i: int) -> np.ndarray:
+def map_offset(i: int) -> np.ndarray:
+  return MAP_OFFSET + i * MAP_OFFSET_DRIFT
+
+
+def true_pose(i: int) -> np.ndarray:
+  """Ground-truth vehicle -> map (= schema world) of frame i: the car drives forward and turns."""
   return rigid(0.05 * i, (100.0 + 1.0 * i, 50.0 + 0.2 * i, 3.0))
+
+
+def ego_pose(i: int) -> np.ndarray:
+  """The stored ``frame.pose`` (vehicle -> pose frame): the true pose minus frame i's map offset (pose drift)."""
+  pose = true_pose(i)
+  pose[:3, 3] -= map_offset(i)
+  return pose
 
 
 def boxes(i: int):
@@ -56,7 +73,7 @@ def boxes(i: int):
 
 
 def map_lines():
-  """Map features as (kind, points [n, 3]) in map coordinates (world + MAP_OFFSET)."""
+  """Map features as (kind, points [n, 3]) in map coordinates (= the schema's world frame)."""
   return [
       ("road_edge", np.array([[90.0, 40.0, 0.0], [120.0, 40.0, 0.0], [130.0, 42.0, 0.0]])),
       ("road_line", np.array([[90.0, 50.0, 0.0], [120.0, 50.0, 0.0]])),
@@ -140,8 +157,8 @@ def make_frame(context_name: str, i: int, *, with_map: bool, corrupt_jpeg: bool 
     lab.type, lab.id = typ, oid
     (lab.box.center_x, lab.box.center_y, lab.box.center_z, lab.box.length, lab.box.width, lab.box.height,
      lab.box.heading) = b
+  f.map_pose_offset.x, f.map_pose_offset.y, f.map_pose_offset.z = map_offset(i)
   if with_map:
-    f.map_pose_offset.x, f.map_pose_offset.y, f.map_pose_offset.z = MAP_OFFSET
     for k, (kind, pts) in enumerate(map_lines()):
       feat = f.map_features.add()
       feat.id = k
