@@ -261,7 +261,11 @@ def depth_maps(sample: Mapping[str, Any], hw: tuple[int, int] | None = None, *,
 
 
 def camera_params(sample: Mapping[str, Any]) -> np.ndarray:
-  """C35 implicit camera condition float32 [T, V, 11] (see module docstring)."""
+  """C35 implicit camera condition float32 [T, V, 11] (see module docstring).
+
+  cam_to_ego is the sample's, i.e. the camera in the frame's reference ego (nuScenes: the CAM_FRONT time; AV2: the
+  LiDAR time), exact for the geometry. Where cameras fire at other times than the reference, its translation moves
+  with the ego speed (~0.3 m at 15 m/s over a 25 ms trigger offset); OpenDWM's condition is the static calibration."""
   T, V, H, W = np.shape(sample["images"])[:4]
   orig = _original_hw(sample)  # [V, (H0, W0)]
   K = geometry.resize_intrinsics(np.asarray(sample["intrinsics"], np.float64), (H, W), (1, 1))
