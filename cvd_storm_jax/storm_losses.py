@@ -44,7 +44,10 @@ class StormLossWeights:
 class VAELossWeights:
   mse: float = 1.0
   lpips: float = 1.0
-  kl: float = 1e-6  # on the per-element MEAN KL (see losses.kl_divergence)
+  # On the per-element MEAN KL beside the per-element MEAN reconstruction error (losses.kl_divergence). LDM's 1e-6
+  # weighs SUMS of both: 16 latent values per 8 x 8 x 3 = 192 pixel values, so in means LDM's balance is 1e-6 / 12;
+  # this KL is 12x LDM's relative strength (the paper gives no value).
+  kl: float = 1e-6
 
 
 STORM_LAMBDA = 0.5  # paper §3.2
