@@ -11,6 +11,11 @@ Frames and rates:
     CAM_FRONT frame (again within half an interval).
   * ``keyframes_only=True``: the 2 Hz keyframes, ``fps`` = 2.
   * Frames are restricted to [first keyframe, last keyframe] (+-50 ms) of the scene, where boxes are defined.
+  * A sample_data's time is that of its own ego pose (``ego_pose[sd["ego_pose_token"]]["timestamp"]``), not its
+    ``timestamp`` field: in the v1.0 tables the two are equal, but ASAP's 12 Hz ``sample_data.json`` gives its
+    pseudo-keyframe rows invented times (key + k / 6 of the keyframe interval) while their file and ego pose are
+    the k-th real sweep after the keyframe (ego_pose.json is copied unchanged). Streams are ordered, matched,
+    checked against the tolerance and reported (``timestamps``) by that time.
 
 Poses: each frame's reference ego pose (``ego_to_world``) and time are those of its CAM_FRONT image. Every camera
 has its own ego pose in nuScenes (the cameras fire as the lidar sweeps past), so ``cam_to_ego`` of view v is
@@ -22,19 +27,32 @@ Boxes (in the reference ego frame, for the frame's CAM_FRONT image):
   * A keyframe image (is_key_frame): every annotation of its sample (as the devkit and OpenDWM pair them; the
     sample time is the lidar's, a few tens of ms from the image).
   * A sweep image at time t between samples s0 <= t < s1: ASAP's "interp" rule (MagicDrive / UniMLVG's 12 Hz
-    labels): only instances annotated in both s0 and s1; centre and size linearly interpolated, rotation slerped (shortest arc) with
-    a = (t - t0) / (t1 - t0). Instances leaving or entering between two keyframes are absent in between. (The
-    devkit's ``get_boxes`` instead keeps entering instances at their s1 box; on instances of both keyframes the
-    two agree, which the tests check.)
+    labels): only instances annotated in both s0 and s1; centre and size linearly interpolated, rotation slerped
+    (shortest arc) with a = (t - t0) / (t1 - t0). Instances leaving or entering between two keyframes are absent
+    in between. (The devkit's ``get_boxes`` instead keeps entering instances at their s1 box; on instances of both
+    keyframes the two agree, which the tests check.)
   * An ASAP ``interp_12Hz_*`` version folder (12 Hz pseudo keyframes) is read with ``version="interp_12Hz_trainval"``:
     its samples are simply denser, and the same rule applies between them. Camera sample_data rows that ASAP
-    duplicates (same filename) are merged.
+    duplicates (same filename) are merged. Its LiDAR comes from the v1.0 tables (below, "LiDAR").
   * size: nuScenes (w, l, h) -> schema (l, w, h); yaw = heading of the rotated box x axis in the ego frame.
   * classes: ``CATEGORY_TO_CLASS`` (first matching prefix), others (barriers, cones, animals, ...) dropped; the
     track id is the index of the instance_token in the sorted instance tokens of the clip.
 
-LiDAR: the LIDAR_TOP sample_data (20 Hz) nearest to the frame time; points (x, y, z of float32 x5) go
-sensor -> ego(lidar time) -> world -> reference ego.
+LiDAR: the LIDAR_TOP sample_data (20 Hz) nearest to the frame time (within half a frame interval); points (x, y, z
+of float32 x5) go sensor -> ego(lidar time) -> world -> reference ego. Which table folder the LIDAR_TOP stream
+(sample_data rows, their ego poses and calibrations) comes from (``lidar_version``, ``reader.lidar_version``):
+  * a v1.0 ``version``: the same folder.
+  * an ASAP ``<strategy>_<N>Hz_<split>`` ``version`` (e.g. interp_12Hz_trainval): ASAP's sample_data.json keeps,
+    for LIDAR_TOP, only the first 5 sweeps after each keyframe (~0-250 ms of every 500 ms), so frames in the rest
+    would have no LiDAR within the tolerance. The stream is read instead from the original tables beside it, where
+    all 20 Hz sweeps exist: ``v1.0-<split>`` if present, else the first other ``v1.0-*`` folder (sorted) whose
+    scene.json shares a scene with the ASAP folder (ASAP names its output ``*_trainval`` even when made from
+    v1.0-mini). Scenes are matched by token, else by name (ASAP copies scene.json). With ``load_lidar`` and no
+    such folder: ReaderError, rather than silently losing most clips; pass ``lidar_version=version`` to accept
+    ASAP's own sparse LiDAR rows, or ``load_lidar=False``. Without ``load_lidar`` no other folder is read.
+  * ``lidar_version="<folder>"`` names the folder explicitly (it must exist).
+  ``clip_frames`` gives the LIDAR_TOP tokens of that folder. Another folder's tables are read once, at construction
+  (v1.0-trainval's sample_data.json and ego_pose.json are large); only its LIDAR_TOP rows and their poses are kept.
 
 Map (world frame, z = 0): from ``maps/expansion/<log location>.json``: drivable_area polygon outlines (exterior and
 holes) as road_edge, lane_divider and road_divider lines as lane_line, ped_crossing polygon outlines as crosswalk;
@@ -53,7 +71,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -79,6 +99,9 @@ CATEGORY_TO_CLASS = (
     ("vehicle.emergency", "emergency"),
     ("vehicle.trailer", "trailer"),
 )
+_log = logging.getLogger(__name__)
+# ASAP's output folders: "{ann_strategy}_{ann_frequency}Hz_trainval" (sAP3D/nusc_annotation_generator.py).
+_ASAP_VERSION = re.compile(r"^[A-Za-z]+_\d+Hz_(?P<split>\w+)$")
 # Camera images are kept from 50 ms before the first to 50 ms after the last sample: keyframe images sit a few tens
 # of ms from their sample (lidar) time.
 _SPAN_SLACK_US = 50000
@@ -128,7 +151,7 @@ class NuScenesReader(ClipReader):
                image_size: tuple[int, int] | None = None, scenes: list[str] | None = None,
                max_boxes: int = 128, max_lidar_points: int = 40000, max_map_lines: int = 512,
                map_points_per_line: int = 32, map_radius_m: float = 100.0, require_map: bool = True,
-               load_lidar: bool = True, caption_file: str | None = None):
+               load_lidar: bool = True, caption_file: str | None = None, lidar_version: str | None = None):
     """
     Args:
       dataroot: folder holding ``<version>/``, ``samples/``, ``sweeps/``, ``maps/``.
@@ -138,6 +161,7 @@ class NuScenesReader(ClipReader):
       image_size: (H, W) to resize images to (intrinsics rescaled); None keeps 900 x 1600.
       scenes: scene names to use (e.g. a split list); None = all.
       max_boxes, max_lidar_points, max_map_lines, map_points_per_line: padded sizes NB, NL, NP, NK.
+      lidar_version: table folder of the LIDAR_TOP stream; None picks it (module docstring, "LiDAR").
     """
     self.dataroot = dataroot
     self.version = version
@@ -153,6 +177,7 @@ class NuScenesReader(ClipReader):
     if not os.path.isdir(table_dir):
       raise ReaderError("nuScenes table folder not found", table_dir)
     self.tables = {name: _load_json(os.path.join(table_dir, f"{name}.json")) for name in TABLES}
+    self.lidar_version = (lidar_version or self._default_lidar_version()) if load_lidar else None
     self._index(scenes)
     self._captions = self._load_captions(caption_file) if caption_file else None
     self._maps: dict[str, list[tuple[np.ndarray, int]]] = {}
@@ -171,7 +196,10 @@ class NuScenesReader(ClipReader):
     for a in t["sample_annotation"]:
       anns_by_sample.setdefault(a["sample_token"], []).append(a)
     self._anns_by_sample = anns_by_sample
-    wanted = set(CAMERAS) | {LIDAR}
+    # The lidar's rows and lookups: this folder's, or those of another folder (module docstring, "LiDAR").
+    own_lidar = self.lidar_version in (None, self.version)
+    self._lidar_by_token = by_token
+    wanted = set(CAMERAS) | ({LIDAR} if own_lidar else set())
     sd_by_scene: dict[tuple[str, str], dict[str, dict]] = {}
     for sd in t["sample_data"]:
       channel = channel_of_calib.get(sd["calibrated_sensor_token"])
@@ -186,6 +214,10 @@ class NuScenesReader(ClipReader):
       prev = seen.get(sd["filename"])
       if prev is None or (sd["is_key_frame"] and not prev["is_key_frame"]):
         seen[sd["filename"]] = sd
+    if not own_lidar:
+      self._lidar_by_token, lidar_rows = self._foreign_lidar(self.lidar_version)
+      for scene_token, rows in lidar_rows.items():
+        sd_by_scene[(scene_token, LIDAR)] = {r["filename"]: r for r in rows}
     self._scenes: dict[str, dict] = {}
     names = None if scene_names is None else set(scene_names)
     for scene in sorted(t["scene"], key=lambda s: s["name"]):
@@ -197,29 +229,81 @@ class NuScenesReader(ClipReader):
       lo, hi = samples[0]["timestamp"], samples[-1]["timestamp"]
       streams = {}
       for ch in CAMERAS + (LIDAR,):
-        rows = sorted(sd_by_scene.get((scene["token"], ch), {}).values(), key=lambda r: r["timestamp"])
+        rows = sorted(sd_by_scene.get((scene["token"], ch), {}).values(), key=lambda r, c=ch: self._time(r, c))
         if ch != LIDAR:
-          rows = [r for r in rows if lo - _SPAN_SLACK_US <= r["timestamp"] <= hi + _SPAN_SLACK_US]
+          rows = [r for r in rows if lo - _SPAN_SLACK_US <= self._time(r) <= hi + _SPAN_SLACK_US]
           if self.keyframes_only:
             rows = [r for r in rows if r["is_key_frame"]]
         streams[ch] = rows
-      stream_times = {ch: np.asarray([r["timestamp"] for r in rows], np.int64) for ch, rows in streams.items()}
+      stream_times = {ch: np.asarray([self._time(r, ch) for r in rows], np.int64) for ch, rows in streams.items()}
       self._scenes[scene["name"]] = {"scene": scene, "samples": samples, "streams": streams,
                                      "stream_times": stream_times,
                                      "sample_times": [s["timestamp"] for s in samples]}
+    if not own_lidar:
+      missing = sorted(n for n, sc in self._scenes.items() if not sc["streams"][LIDAR])
+      if missing and len(missing) == len(self._scenes):
+        raise ReaderError(f"no scene of {self.version} has LIDAR_TOP rows in {self.lidar_version} (by scene token or "
+                          "name); pass lidar_version", os.path.join(self.dataroot, self.lidar_version))
+      if missing:
+        # Their clips are dropped (no LiDAR frame matches): say so once rather than per clip.
+        _log.warning("nuScenes %s: %d scene(s) have no LIDAR_TOP rows in %s and give no clips with load_lidar, "
+                     "e.g. %s", self.version, len(missing), self.lidar_version, ", ".join(missing[:3]))
     # Clip enumeration from timestamps only (cheap; files are touched in read_clip).
     self._clips: dict[str, tuple[str, list[dict]]] = {}
     for name, sc in self._scenes.items():
-      front = sc["streams"][CAMERAS[0]]
-      if not front:
+      if not sc["streams"][CAMERAS[0]]:
         continue
-      times = np.array([r["timestamp"] for r in front], np.float64) * 1e-6
+      times = sc["stream_times"][CAMERAS[0]].astype(np.float64) * 1e-6
       k = 0
       while times[0] + k * self.clip_stride_s + (self.num_frames - 1) / self.fps <= times[-1] + 0.5 / self.fps:
         frames = self._frames(sc, times, times[0] + k * self.clip_stride_s)
         if frames is not None:
           self._clips[f"{name}/{k:04d}"] = (name, frames)
         k += 1
+
+  def _default_lidar_version(self) -> str:
+    """The table folder of the LIDAR_TOP stream when ``lidar_version`` is not given (module docstring, "LiDAR")."""
+    m = _ASAP_VERSION.match(self.version)
+    if m is None:
+      return self.version
+    preferred = f"v1.0-{m['split']}"
+    others = sorted(n for n in os.listdir(self.dataroot) if n.startswith("v1.0-") and n != preferred)
+    tokens, names = {s["token"] for s in self.tables["scene"]}, {s["name"] for s in self.tables["scene"]}
+    for folder in [preferred] + others:
+      path = os.path.join(self.dataroot, folder)
+      if not os.path.isfile(os.path.join(path, "sample_data.json")):
+        continue
+      scenes = _load_json(os.path.join(path, "scene.json"))
+      if any(s["token"] in tokens or s["name"] in names for s in scenes):
+        return folder
+    raise ReaderError(f"{self.version} keeps LIDAR_TOP only ~0-250 ms after each keyframe, and no v1.0-* table folder "
+                      f"beside it shares its scenes (looked for {preferred} first). Add the v1.0 tables, pass "
+                      f"lidar_version={self.version!r} to use ASAP's sparse LiDAR rows, or load_lidar=False",
+                      self.dataroot)
+
+  def _foreign_lidar(self, folder: str) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """LIDAR_TOP of another table folder: ({"ego_pose", "calibrated_sensor"} lookups of its rows, and its rows per
+    scene token of this folder, scenes matched by token, else by name)."""
+    path = os.path.join(self.dataroot, folder)
+    if not os.path.isdir(path):
+      raise ReaderError("LiDAR table folder (lidar_version) not found", path)
+    t = {n: _load_json(os.path.join(path, f"{n}.json"))
+         for n in ("sensor", "calibrated_sensor", "scene", "sample", "sample_data", "ego_pose")}
+    lidar_sensors = {s["token"] for s in t["sensor"] if s["channel"] == LIDAR}
+    calib = {c["token"]: c for c in t["calibrated_sensor"] if c["sensor_token"] in lidar_sensors}
+    ours_by_name = {s["name"]: s["token"] for s in self.tables["scene"]}
+    ours = set(ours_by_name.values())
+    scene_map = {s["token"]: s["token"] if s["token"] in ours else ours_by_name.get(s["name"]) for s in t["scene"]}
+    scene_of_sample = {s["token"]: scene_map.get(s["scene_token"]) for s in t["sample"]}
+    rows: dict[str, list[dict]] = {}
+    for sd in t["sample_data"]:
+      scene_token = scene_of_sample.get(sd["sample_token"])
+      if sd["calibrated_sensor_token"] in calib and scene_token is not None:
+        rows.setdefault(scene_token, []).append(sd)
+    # Keep only the lidar's ego poses: the full tables of v1.0-trainval are large and not needed past this point.
+    needed = {sd["ego_pose_token"] for scene_rows in rows.values() for sd in scene_rows}
+    ego = {e["token"]: e for e in t["ego_pose"] if e["token"] in needed}
+    return {"ego_pose": ego, "calibrated_sensor": calib}, rows
 
   def _frames(self, sc: dict, front_times: np.ndarray, start: float) -> list[dict] | None:
     """Per frame: {channel: sample_data} for the 6 cameras and the lidar; None if any stream misses a frame."""
@@ -246,15 +330,29 @@ class NuScenesReader(ClipReader):
     return [{ch: sd["token"] for ch, sd in frame.items()} for frame in self._clips[clip_id][1]]
 
   # ---------------------------------------------------------------- poses
-  def _ego_pose(self, sd: dict) -> np.ndarray:
-    rec = self._by_token["ego_pose"][sd["ego_pose_token"]]
+  # ``channel`` selects the lookups: LIDAR_TOP rows may come from another table folder (``lidar_version``).
+  def _lookup(self, channel: str | None) -> dict[str, dict]:
+    return self._lidar_by_token if channel == LIDAR else self._by_token
+
+  def _time(self, sd: dict, channel: str | None = None) -> int:
+    """Capture time (us) of a sample_data record: its ego pose's, which ASAP's 12 Hz tables keep true when they
+    invent the record's ``timestamp`` (module docstring)."""
+    rec = self._lookup(channel)["ego_pose"].get(sd["ego_pose_token"])
+    if rec is None:
+      folder = self.lidar_version if channel == LIDAR else self.version
+      raise ReaderError(f"sample_data {sd['token']} has no ego_pose {sd['ego_pose_token']}",
+                        os.path.join(self.dataroot, folder, "ego_pose.json"))
+    return int(rec["timestamp"])
+
+  def _ego_pose(self, sd: dict, channel: str | None = None) -> np.ndarray:
+    rec = self._lookup(channel)["ego_pose"][sd["ego_pose_token"]]
     return pose_matrix(rec["rotation"], rec["translation"])
 
-  def _calib(self, sd: dict) -> dict:
-    return self._by_token["calibrated_sensor"][sd["calibrated_sensor_token"]]
+  def _calib(self, sd: dict, channel: str | None = None) -> dict:
+    return self._lookup(channel)["calibrated_sensor"][sd["calibrated_sensor_token"]]
 
-  def _sensor_to_ego(self, sd: dict) -> np.ndarray:
-    c = self._calib(sd)
+  def _sensor_to_ego(self, sd: dict, channel: str | None = None) -> np.ndarray:
+    c = self._calib(sd, channel)
     return pose_matrix(c["rotation"], c["translation"])
 
   # ---------------------------------------------------------------- boxes
@@ -267,7 +365,7 @@ class NuScenesReader(ClipReader):
               for a in self._anns_by_sample.get(sd["sample_token"], [])]
     sc = self._scenes[scene_name]
     times = sc["sample_times"]
-    ts = sd["timestamp"]
+    ts = self._time(sd)
     j = min(max(bisect.bisect_right(times, ts) - 1, 0), len(times) - 2)
     if j < 0:
       return []  # a single-sample scene has nothing to interpolate between
@@ -362,7 +460,7 @@ class NuScenesReader(ClipReader):
       name = scene_name.get(sample["scene_token"]) if sample else None
       if name is None:
         continue
-      out.setdefault(name, {}).setdefault(channel, []).append((sd["timestamp"], format_caption(value)))
+      out.setdefault(name, {}).setdefault(channel, []).append((self._time(sd), format_caption(value)))
     for per_scene in out.values():
       for rows in per_scene.values():
         rows.sort(key=lambda r: r[0])
@@ -399,7 +497,7 @@ class NuScenesReader(ClipReader):
     original_size = np.zeros((num_v, 2), np.int32)
     box_frames, lidar_frames = [], []
     fallback = self.metadata_caption(scene_name)
-    t0 = frames[0][CAMERAS[0]]["timestamp"]
+    t0 = self._time(frames[0][CAMERAS[0]])
     track_tokens: dict[str, int] = {}
     frame_boxes = []
     for t, frame in enumerate(frames):
@@ -420,14 +518,14 @@ class NuScenesReader(ClipReader):
         original_size[v] = (src_hw[1], src_hw[0])
         intrinsics[t, v] = geometry.resize_intrinsics(k, src_hw, img.shape[:2]) if src_hw != img.shape[:2] else k
         cam_to_ego[t, v] = world_to_ego @ self._ego_pose(sd) @ self._sensor_to_ego(sd)
-        captions[t, v] = self._caption(scene_name, ch, sd["timestamp"], fallback)
+        captions[t, v] = self._caption(scene_name, ch, self._time(sd), fallback)
       images.append(np.stack(row))
       b, c, tokens = self._to_ego_boxes(self.boxes_at(scene_name, ref), world_to_ego)
       frame_boxes.append((b, c, tokens))
       if self.load_lidar:
         lsd = frame[LIDAR]
         pts = read_pcd_bin(os.path.join(self.dataroot, lsd["filename"]))
-        to_ref = world_to_ego @ self._ego_pose(lsd) @ self._sensor_to_ego(lsd)
+        to_ref = world_to_ego @ self._ego_pose(lsd, LIDAR) @ self._sensor_to_ego(lsd, LIDAR)
         lidar_frames.append(geometry.transform_points(to_ref, pts.astype(np.float64)))
       else:
         lidar_frames.append(np.zeros((0, 3)))
@@ -448,7 +546,7 @@ class NuScenesReader(ClipReader):
         "intrinsics": intrinsics.astype(np.float32),
         "cam_to_ego": cam_to_ego.astype(np.float32),
         "ego_to_world": ego_to_world.astype(np.float32),
-        "timestamps": np.asarray([(f[CAMERAS[0]]["timestamp"] - t0) * 1e-6 for f in frames], np.float64),
+        "timestamps": np.asarray([(self._time(f[CAMERAS[0]]) - t0) * 1e-6 for f in frames], np.float64),
         "fps": np.asarray(self.fps, np.float32),
         "boxes": boxes, "box_class": box_class, "box_track_id": box_track, "box_mask": box_mask,
         "map_points": map_points, "map_class": map_class, "map_mask": map_mask,

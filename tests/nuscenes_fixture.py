@@ -5,13 +5,15 @@ keyframe), LIDAR_TOP at 20 Hz, 4 instances, a map-expansion JSON. The ego drives
 turning slowly; each sample_data has its own ego_pose. All numbers are floats (the devkit's Box needs float arrays).
 
 ``write_nuscenes_tree(root)`` returns a ``NuScenesTruth`` with the values the tests compare against: poses as
-functions of time, instance trajectories, the planted LiDAR point.
+functions of time, instance trajectories, the planted LiDAR point. ``write_asap_12hz(root)`` adds the 12 Hz table
+folder that ASAP's generator would make from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -36,6 +38,8 @@ INSTANCES = (
                                                   2: (606.0, 1603.0, 0.0)}, (0.4, 0.4, 0.9)),
 )
 LIDAR_CALIB = ((0.94, 0.0, 1.84), 1.5707963)  # translation, yaw (the real LIDAR_TOP is turned ~90 deg)
+ASAP_VERSION = "interp_12Hz_trainval"
+ASAP_FACTOR = 6  # 12 Hz pseudo keyframes per 2 Hz keyframe interval
 
 
 def yaw_quat(yaw: float) -> list[float]:
@@ -259,3 +263,75 @@ def write_nuscenes_tree(root: str, version: str = "v1.0-mini",
   write_map(root)
   return NuScenesTruth(root=root, version=version, planted_world_point=planted, camera_times=camera_times,
                        sample_tokens=sample_tokens, image_paths=image_paths, lidar_paths=lidar_paths)
+
+
+def write_asap_12hz(root: str, version: str = "v1.0-mini") -> str:
+  """Writes ``<root>/interp_12Hz_trainval`` from ``<root>/<version>`` as ASAP's generator does (JeffWang987/ASAP,
+  sAP3D/nusc_annotation_generator.py, "interp" strategy) and returns the folder name. What the reader meets:
+    * sample: every keyframe, and between two keyframes 5 pseudo samples ``<token><k>`` at t0 + k / 6 (t1 - t0).
+    * sample_annotation: at a pseudo sample, the instances of both keyframes, centre lerped, rotation slerped.
+    * sample_data: the original sweep rows are DROPPED. Each keyframe row gets pseudo-keyframe rows ``<token><k>``
+      with an INVENTED timestamp, t_row + k / 6 (t_next_sample - t_row), while filename, ego_pose_token and
+      calibrated_sensor_token are those of the row k steps along the ``next`` chain (stopping before a keyframe).
+      For the 20 Hz LiDAR that is the sweep at ~+50 k ms, not the +83 k ms its timestamp claims, and the sweeps
+      after +250 ms are gone.
+    * every other table, ego_pose.json included, is copied unchanged (so each row's ego pose time stays true).
+  """
+  from pyquaternion import Quaternion  # as ASAP slerps
+  src, dst = os.path.join(root, version), os.path.join(root, ASAP_VERSION)
+  os.makedirs(dst, exist_ok=True)
+  tables = {}
+  for name in ("sample", "sample_data", "sample_annotation"):
+    with open(os.path.join(src, f"{name}.json")) as f:
+      tables[name] = json.load(f)
+  sample_of = {s["token"]: s for s in tables["sample"]}
+  sd_of = {r["token"]: r for r in tables["sample_data"]}
+  anns_of: dict = {}
+  for a in tables["sample_annotation"]:
+    anns_of.setdefault(a["sample_token"], []).append(a)
+  samples, anns, sample_data = [], [], []
+  for s in tables["sample"]:
+    samples.append(dict(s))
+    anns += [dict(a) for a in anns_of.get(s["token"], [])]
+    if not s["next"]:
+      continue
+    t0, t1 = s["timestamp"], sample_of[s["next"]]["timestamp"]
+    nxt = {a["instance_token"]: a for a in anns_of.get(s["next"], [])}
+    for k in range(1, ASAP_FACTOR):
+      ts = t0 + k / ASAP_FACTOR * (t1 - t0)  # a float, as ASAP writes it
+      samples.append({"token": f"{s['token']}{k}", "timestamp": ts, "scene_token": s["scene_token"], "prev": "",
+                      "next": ""})
+      for a in anns_of.get(s["token"], []):
+        b = nxt.get(a["instance_token"])
+        if b is None:
+          continue  # "interp" drops instances that leave or enter
+        q = Quaternion.slerp(Quaternion(a["rotation"]), Quaternion(b["rotation"]), amount=(ts - t0) / (t1 - t0))
+        anns.append({**a, "token": f"{a['token']}{k}", "sample_token": f"{s['token']}{k}", "prev": "", "next": "",
+                     "translation": [float(np.interp(ts, [t0, t1], [c0, c1]))
+                                     for c0, c1 in zip(a["translation"], b["translation"])],
+                     "rotation": [float(x) for x in q.elements]})
+  for r in tables["sample_data"]:
+    if not r["is_key_frame"]:
+      continue
+    sample_data.append(dict(r))
+    nxt_sample = sample_of[r["sample_token"]]["next"]
+    if not nxt_sample:
+      continue
+    for k in range(1, ASAP_FACTOR):
+      walked = r
+      for _ in range(k):
+        if sd_of[walked["next"]]["is_key_frame"]:
+          break
+        walked = sd_of[walked["next"]]
+      sample_data.append({**r, "token": f"{r['token']}{k}", "sample_token": f"{r['sample_token']}{k}",
+                          "timestamp": r["timestamp"] + k / ASAP_FACTOR * (sample_of[nxt_sample]["timestamp"]
+                                                                           - r["timestamp"]),
+                          "ego_pose_token": walked["ego_pose_token"], "filename": walked["filename"],
+                          "calibrated_sensor_token": walked["calibrated_sensor_token"], "is_key_frame": True,
+                          "prev": "", "next": ""})
+  for name, rows in (("sample", samples), ("sample_data", sample_data), ("sample_annotation", anns)):
+    _write_json(dst, name, rows)
+  for name in os.listdir(src):
+    if name not in ("sample.json", "sample_data.json", "sample_annotation.json"):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+  return ASAP_VERSION

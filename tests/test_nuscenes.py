@@ -279,38 +279,154 @@ def test_truncated_lidar_raises_reader_error(tmp_path):
     read_pcd_bin(str(tmp_path / "absent.pcd.bin"))
 
 
-def test_interp_12hz_version_folder(tree, tmp_path):
-  """An ASAP-style interp_12Hz folder (12 Hz pseudo keyframes carrying interpolated annotations) gives the same
-  boxes as interpolating the 2 Hz annotations at read time."""
-  root = tmp_path / "nusc12"
+@pytest.fixture(scope="module")
+def asap_root(tree, tmp_path_factory):
+  """A copy of the tree with an ASAP interp_12Hz folder written as ASAP writes it (fixture write_asap_12hz)."""
+  root = str(tmp_path_factory.mktemp("nusc12") / "nusc")
   shutil.copytree(tree.root, root)
-  src, dst = root / tree.version, root / "interp_12Hz_trainval"
-  shutil.copytree(src, dst)
-  tables = {n: json.loads((src / f"{n}.json").read_text()) for n in ("sample", "sample_data", "sample_annotation")}
-  base = NuScenesReader(str(root), tree.version, num_frames=13, fps=12.0, **SIZES)
-  samples, anns = [], []
-  sd_rows = {r["token"]: r for r in tables["sample_data"]}
-  for j in range(13):
-    tok = f"psample_{j}"
-    samples.append({"token": tok, "timestamp": fx.camera_time(0, j), "scene_token": "scene_0", "prev": "",
-                    "next": ""})
-    sd_front = sd_rows[f"sd_CAM_FRONT_{j}"]
-    for inst, cat, centre, size, quat in base.boxes_at("scene-0061", sd_front):
-      anns.append({"token": f"pann_{inst}_{j}", "sample_token": tok, "instance_token": inst, "attribute_tokens": [],
-                   "visibility_token": "4", "translation": centre.tolist(), "size": size.tolist(),
-                   "rotation": quat.tolist(), "num_lidar_pts": 1, "num_radar_pts": 0, "prev": "", "next": ""})
-  for r in tables["sample_data"]:
-    if r["token"].startswith("sd_CAM"):
-      j = int(r["token"].rsplit("_", 1)[1])
-      r["is_key_frame"], r["sample_token"] = True, f"psample_{j}"
-    else:
-      j = min(12, -(-(r["timestamp"] - fx.T0) * 12 // 1000000))  # the pseudo sample at or after the sweep
-      r["sample_token"] = f"psample_{j}"
-  for name, rows in (("sample", samples), ("sample_data", tables["sample_data"]), ("sample_annotation", anns)):
-    (dst / f"{name}.json").write_text(json.dumps(rows))
-  r12 = NuScenesReader(str(root), "interp_12Hz_trainval", num_frames=13, fps=12.0, **SIZES)
+  fx.write_asap_12hz(root, tree.version)
+  return root
+
+
+def test_interp_12hz_version_folder(tree, asap_root):
+  """An ASAP interp_12Hz folder (12 Hz pseudo keyframes carrying interpolated annotations) gives the same
+  boxes, poses and times as interpolating the 2 Hz annotations at read time."""
+  # No LiDAR: then no table folder but the ASAP one is read (LiDAR: test_interp_12hz_lidar_from_v1_tables).
+  kw = dict(num_frames=13, fps=12.0, load_lidar=False, **SIZES)
+  base = NuScenesReader(asap_root, tree.version, **kw)
+  r12 = NuScenesReader(asap_root, fx.ASAP_VERSION, **kw)
+  assert r12.lidar_version is None
   a = base.read_clip(base.list_clips()[0])
   b = r12.read_clip(r12.list_clips()[0])
   np.testing.assert_array_equal(a["box_mask"], b["box_mask"])
   np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-4)
   np.testing.assert_allclose(a["cam_to_ego"], b["cam_to_ego"], atol=1e-6)
+  np.testing.assert_array_equal(a["timestamps"], b["timestamps"])
+
+
+def test_interp_12hz_own_lidar_paired_by_ego_pose_time(asap_root):
+  """ASAP's own LiDAR rows (opted into with lidar_version=the ASAP folder): row k claims +83 k ms but holds the
+  sweep at +50 k ms (its ego pose's time): each frame must get the sweep nearest in that real time, within half a
+  frame interval, and report real times."""
+  table = os.path.join(asap_root, fx.ASAP_VERSION)
+  with open(os.path.join(table, "ego_pose.json")) as f:
+    ego_time = {e["token"]: e["timestamp"] for e in json.load(f)}
+  with open(os.path.join(table, "sample_data.json")) as f:
+    sd = {r["token"]: r for r in json.load(f)}
+  real = {tok: ego_time[r["ego_pose_token"]] for tok, r in sd.items()}
+  lidar_times = sorted(real[tok] for tok in sd if tok.startswith("sd_LIDAR_TOP"))
+  # The sweeps left are at 0-250 ms, 500-750 ms and 1 s: the images at 333 and 417 ms have none within 50 ms.
+  assert [(t - fx.T0) // 1000 for t in lidar_times] == [0, 50, 100, 150, 200, 250, 500, 550, 600, 650, 700, 750, 1000]
+  r = NuScenesReader(asap_root, fx.ASAP_VERSION, num_frames=3, fps=10.0, lidar_version=fx.ASAP_VERSION, **SIZES)
+  for clip in r.list_clips():
+    s = r.read_clip(clip)
+    frames = r.clip_frames(clip)
+    front = np.asarray([real[f["CAM_FRONT"]] for f in frames])
+    for t, f in enumerate(frames):
+      lidar = sd[f["LIDAR_TOP"]]
+      assert f"__LIDAR_TOP__{real[lidar['token']]}." in lidar["filename"]  # the ego pose time is the file's
+      nearest = min(lidar_times, key=lambda x: abs(x - front[t]))
+      assert real[lidar["token"]] == nearest, (clip, t, front[t] - fx.T0, real[lidar["token"]] - fx.T0)
+      assert abs(nearest - front[t]) <= 50000
+    np.testing.assert_allclose(s["timestamps"], (front - front[0]) * 1e-6, atol=1e-9)
+  # Frames 0.1 s apart from 0 and from 0.5 s are within 50 ms of a sweep; every other start hits the gap.
+  assert r.list_clips() == ["scene-0061/0000", "scene-0061/0005"]
+
+
+def _real_times(root, version):
+  """{sample_data token: its ego pose's timestamp} of a table folder, and its sample_data rows by token."""
+  with open(os.path.join(root, version, "ego_pose.json")) as f:
+    ego_time = {e["token"]: e["timestamp"] for e in json.load(f)}
+  with open(os.path.join(root, version, "sample_data.json")) as f:
+    sd = {r["token"]: r for r in json.load(f)}
+  return {tok: ego_time[r["ego_pose_token"]] for tok, r in sd.items()}, sd
+
+
+def _check_lidar_from_v1_tables(root, v1_version):
+  """With load_lidar, the ASAP folder yields the clips the v1.0 folder yields, each frame's sweep is the v1.0 sweep
+  nearest in real time to the CAM_FRONT image (within half a frame interval), and the points are the v1.0
+  reader's."""
+  kw = dict(num_frames=3, fps=10.0, **SIZES)
+  base = NuScenesReader(root, v1_version, **kw)
+  r12 = NuScenesReader(root, fx.ASAP_VERSION, **kw)
+  # ASAP's own rows leave only 2 of these clips (test_interp_12hz_own_lidar_paired_by_ego_pose_time).
+  assert len(base.list_clips()) == 9
+  assert r12.list_clips() == base.list_clips()
+  assert r12.lidar_version == v1_version
+  real12, sd12 = _real_times(root, fx.ASAP_VERSION)
+  real1, sd1 = _real_times(root, v1_version)
+  sweeps = sorted(real1[tok] for tok, r in sd1.items() if "LIDAR_TOP" in r["filename"])
+  assert len(sweeps) == 21  # every 20 Hz sweep is a candidate, not only ASAP's ~0-250 ms ones
+  for clip in r12.list_clips():
+    frames, frames1 = r12.clip_frames(clip), base.clip_frames(clip)
+    for f, f1 in zip(frames, frames1):
+      front = real12[f["CAM_FRONT"]]
+      assert sd12[f["CAM_FRONT"]]["filename"] == sd1[f1["CAM_FRONT"]]["filename"]  # the frames coincide
+      lidar = sd1[f["LIDAR_TOP"]]  # a v1.0 row
+      assert real1[lidar["token"]] == min(sweeps, key=lambda x: abs(x - front))
+      assert abs(real1[lidar["token"]] - front) <= 50000
+      assert f["LIDAR_TOP"] == f1["LIDAR_TOP"]
+    a, b = base.read_clip(clip), r12.read_clip(clip)
+    np.testing.assert_array_equal(b["lidar_mask"], a["lidar_mask"])
+    np.testing.assert_allclose(b["lidar_points"], a["lidar_points"], atol=1e-6)
+    np.testing.assert_allclose(b["ego_to_world"], a["ego_to_world"], atol=1e-6)
+
+
+def test_interp_12hz_lidar_from_v1_tables(tree, asap_root):
+  """ASAP folder made from v1.0-mini (ASAP still names it *_trainval): no v1.0-trainval beside it, so the LiDAR comes
+  from v1.0-mini, the v1.0 folder that shares its scenes."""
+  assert not os.path.exists(os.path.join(asap_root, "v1.0-trainval"))
+  _check_lidar_from_v1_tables(asap_root, tree.version)
+
+
+def test_interp_12hz_lidar_prefers_split_and_matches_scene_by_name(tree, asap_root, tmp_path):
+  """v1.0-<split> is preferred (over v1.0-mini, which would also match), and its scenes are matched by name when
+  their tokens differ."""
+  root = str(tmp_path / "nusc")
+  shutil.copytree(asap_root, root)
+  v1 = os.path.join(root, "v1.0-trainval")
+  shutil.copytree(os.path.join(root, tree.version), v1)
+  for name in ("scene", "sample"):
+    path = os.path.join(v1, f"{name}.json")
+    with open(path) as f:
+      rows = json.load(f)
+    for r in rows:
+      r["token" if name == "scene" else "scene_token"] = "other_scene_token"
+    with open(path, "w") as f:
+      json.dump(rows, f)
+  _check_lidar_from_v1_tables(root, "v1.0-trainval")
+
+
+def test_interp_12hz_lidar_without_v1_tables(asap_root, tmp_path):
+  """Only the ASAP folder: load_lidar raises (rather than silently dropping most clips) and says how to opt in to
+  ASAP's own LiDAR rows; without LiDAR, or with that opt-in, the folder reads as before."""
+  root = str(tmp_path / "nusc")
+  os.makedirs(root)
+  shutil.copytree(os.path.join(asap_root, fx.ASAP_VERSION), os.path.join(root, fx.ASAP_VERSION))
+  kw = dict(num_frames=3, fps=10.0, **SIZES)
+  with pytest.raises(ReaderError) as e:
+    NuScenesReader(root, fx.ASAP_VERSION, **kw)
+  assert e.value.path == root and f"lidar_version='{fx.ASAP_VERSION}'" in str(e.value)
+  assert len(NuScenesReader(root, fx.ASAP_VERSION, load_lidar=False, **kw).list_clips()) == 9
+  own = NuScenesReader(root, fx.ASAP_VERSION, lidar_version=fx.ASAP_VERSION, **kw)
+  assert own.list_clips() == ["scene-0061/0000", "scene-0061/0005"]
+  with pytest.raises(ReaderError) as e:
+    NuScenesReader(root, fx.ASAP_VERSION, lidar_version="v1.0-mini", **kw)
+  assert e.value.path == os.path.join(root, "v1.0-mini")
+
+
+def test_lidar_version_with_no_shared_scene_raises(tree, asap_root, tmp_path):
+  """An explicit lidar_version whose scenes match none of the folder's (by token or name) is an error, not a reader
+  without clips."""
+  root = str(tmp_path / "nusc")
+  shutil.copytree(asap_root, root)
+  path = os.path.join(root, tree.version, "scene.json")
+  with open(path) as f:
+    rows = json.load(f)
+  for r in rows:
+    r["token"], r["name"] = "other_scene_token", "scene-9999"
+  with open(path, "w") as f:
+    json.dump(rows, f)
+  with pytest.raises(ReaderError) as e:
+    NuScenesReader(root, fx.ASAP_VERSION, lidar_version=tree.version, num_frames=3, **SIZES)
+  assert e.value.path == os.path.join(root, tree.version)
