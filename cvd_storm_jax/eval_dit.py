@@ -9,7 +9,8 @@ Protocol (OpenDWM's ``evaluate_pipeline``, cvd_storm_official.md §4.1, which th
 the data config is generated from its own conditions (captions, layouts, cameras); with --ground_truth_reference (the
 default, as the headline numbers: video prediction from 3 ground-truth frames) the first window starts from the
 clip's first ``reference_frames`` frames and the evaluated frames start after them. Generated latents are decoded to
-RGB (``generate.decode_latents``) and compared with the dataset's frames at the same resolution:
+RGB (``generate.decode_latents``) and compared with the dataset's frames at the same resolution, the largest bucket
+of the data config (OpenDWM: 256x448):
   FID  over every evaluated frame of every valid view (2048-d TF-FID InceptionV3 features, video_metrics);
   FVD  over one video per valid view: the first ``fvd_frames`` evaluated frames (I3D, 224x224, [-1, 1]).
 Clips need ``reference_frames + fvd_frames`` frames (OpenDWM evaluates 35-frame clips; set --config.data.num_frames
@@ -18,7 +19,7 @@ and, for clips longer than the 19-frame window, generation is autoregressive). S
 
 Writes DIR/metrics.json ({"fid", "fvd", counts, the protocol}) and the feature statistics
 DIR/{real,generated}_{fid,fvd}.npz. --real_stats=DIR reuses the real side from an earlier run's DIR (the data is
-then not compared again, only generated); its recorded protocol must match, or the run stops.
+then not compared again, only generated); its recorded protocol (data, clips, frames) must match, or the run stops.
 """
 from __future__ import annotations
 
@@ -37,12 +38,15 @@ log = logging.getLogger("cvd_storm_jax.eval_dit")
 METRICS = ("fid", "fvd")
 
 
-def _protocol(config: Any, *, metric: str, num_steps: int, guidance: float, reference_frames: int,
-              ground_truth_reference: bool, first: int, num_frames: int, fvd_frames: int, seed: int) -> dict:
-  """What makes two runs' statistics comparable (the real side depends only on the data and the frame window)."""
-  buckets = [list(map(float, b)) for b in config.data.buckets]
-  real = dict(metric=metric, data=config.data.get("name", ""), root=str(config.data.get("root", "")),
-              mix=[list(map(str, m)) for m in config.data.mix], buckets=buckets, shuffle_seed=int(config.seed),
+def _protocol(data: Any, data_seed: int, *, metric: str, num_batches: int, num_steps: int, guidance: float,
+              reference_frames: int, ground_truth_reference: bool, first: int, num_frames: int, fvd_frames: int,
+              seed: int) -> dict:
+  """What makes two runs' statistics comparable: the real side depends only on the data (which clips: the sources,
+  the shuffle, the batch size and number of batches; the resolution) and the frame window."""
+  buckets = [list(map(float, b)) for b in data["buckets"]]
+  real = dict(metric=metric, data=data.get("name", ""), root=str(data.get("root", "")),
+              mix=[list(map(str, m)) for m in data["mix"]], buckets=buckets, shuffle_seed=int(data_seed),
+              clips=int(num_batches) * int(data["batch_size"]), batch_size=int(data["batch_size"]),
               first_frame=first, frames=fvd_frames if metric == "fvd" else num_frames - first)
   return dict(real=real, generated=dict(real, num_steps=num_steps, guidance=guidance,
                                         reference_frames=reference_frames,
@@ -86,9 +90,15 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
     raise ValueError("FID needs --inception_weights: the FID InceptionV3 state dict "
                      "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid / torch-fidelity download it); "
                      "or --metrics=fvd")
-  protocols = {m: _protocol(config, metric=m, num_steps=num_steps, guidance=guidance, reference_frames=k,
-                            ground_truth_reference=ground_truth_reference, first=first, num_frames=num_frames,
-                            fvd_frames=fvd_frames, seed=seed) for m in metrics}
+  # One resolution, the largest bucket (OpenDWM evaluates at 256x448): a multi-bucket training config would mix
+  # resolutions, and Inception would score upsampled low-resolution frames.
+  data = config.data
+  if sum(1 for b in data.buckets if float(b[2]) > 0) > 1:
+    data = pipeline.largest_bucket_config(config.data)
+    log.info("evaluating at %dx%d, the largest of the data config's buckets", *data["buckets"][0][:2])
+  protocols = {m: _protocol(data, config.seed, metric=m, num_batches=num_batches, num_steps=num_steps,
+                            guidance=guidance, reference_frames=k, ground_truth_reference=ground_truth_reference,
+                            first=first, num_frames=num_frames, fvd_frames=fvd_frames, seed=seed) for m in metrics}
   dims = {"fid": FID_DIM, "fvd": FVD_DIM}
   real = {m: FeatureStats(dims[m], protocols[m]["real"]) for m in metrics}
   if real_stats:
@@ -114,7 +124,7 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
       stats["fvd"].update(extract["fvd"](fvd_clips(video, view_mask, first, fvd_frames)))
 
   process, processes = jax.process_index(), jax.process_count()
-  it = pipeline.make_iterator(config.data, seed=config.seed, process_index=process, process_count=processes)
+  it = pipeline.make_iterator(data, seed=config.seed, process_index=process, process_count=processes)
   done = 0
   for n in range(num_batches):
     try:
@@ -143,6 +153,9 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
   for m in metrics:
     # Loaded real statistics already cover the whole data (every process loaded the same file).
     gen_all, real_all = generated[m].all_processes(), (real[m] if real_stats else real[m].all_processes())
+    if real_stats and gen_all.count != real_all.count:  # the same clips on both sides, or the data ended early
+      raise ValueError(f"{m}: {gen_all.count} generated against {real_all.count} real samples from {real_stats}: "
+                       "the real statistics must cover the same clips (did the data end early?)")
     summary[m] = distance(real_all, gen_all)
     summary[f"{m}_generated_count"], summary[f"{m}_real_count"] = gen_all.count, real_all.count
     summary[f"{m}_protocol"] = protocols[m]["generated"]

@@ -162,8 +162,15 @@ def test_eval_dit_end_to_end(tmp_path):
   # Reusing the real statistics gives the same numbers without recomputing them.
   again = eval_dit.evaluate(c, "init", str(tmp_path / "again"), real_stats=out, **dict(kw, metrics=["fvd"]))
   assert again["fvd"] == pytest.approx(summary["fvd"], rel=1e-6) and "fid" not in again
+  # A multi-bucket (training) data config is evaluated at its largest bucket only: here the one of the first run.
+  multi = c.copy_and_resolve_references()
+  multi.data.buckets = [(16, 32, 0.7), tuple(c.data.buckets[0][:2]) + (0.3,)]
+  again = eval_dit.evaluate(multi, "init", str(tmp_path / "multi"), real_stats=out, **dict(kw, metrics=["fvd"]))
+  assert again["fvd"] == pytest.approx(summary["fvd"], rel=1e-6)
   with pytest.raises(ValueError, match="was computed with protocol"):
     eval_dit.evaluate(c, "init", str(tmp_path / "x"), real_stats=out, **dict(kw, reference_frames=1))
+  with pytest.raises(ValueError, match="was computed with protocol"):  # other clips: fewer batches
+    eval_dit.evaluate(c, "init", str(tmp_path / "x"), real_stats=out, **dict(kw, num_batches=1))
   with pytest.raises(ValueError, match="FVD needs 16 evaluated frames after the first 2"):
     eval_dit.evaluate(c, "init", str(tmp_path / "x"), **dict(kw, fvd_frames=16))
   with pytest.raises(ValueError, match="FID needs --inception_weights"):
