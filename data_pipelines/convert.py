@@ -199,7 +199,10 @@ def _init_worker(dataset: str, root: str, clip_frames: int, image_size, reader_k
 
 
 def _is_scene_reader(reader) -> bool:
-  return all(hasattr(reader, a) for a in ("list_scenes", "scene_length", "read_frame", "scene_map"))
+  # A reader that stacks independent clips into the view slots (OpenDV ``stack_views`` > 1, OpenDWM's layout) has no
+  # per-frame scenes: it is converted clip by clip, each stacked clip one "scene".
+  return (all(hasattr(reader, a) for a in ("list_scenes", "scene_length", "read_frame", "scene_map"))
+          and getattr(reader, "stack_views", 1) == 1)
 
 
 def _reader_sizes(reader) -> dict[str, int]:

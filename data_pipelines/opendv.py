@@ -18,6 +18,23 @@ No calibration exists, so every sample carries the documented fake front camera 
 forward, 1.5 m up, looking along +x, focal (W + H) / 2 and the principal point at the centre of the *native* video
 frame, rescaled with the image. One view in slot 0 (view_mask [1, 0, 0, 0, 0, 0]; other slots black with identity
 K / cam_to_ego), identity ego poses, no boxes, map or LiDAR (padded arrays, masks all False).
+
+Stacking (``stack_views = N``, 1 <= N <= schema.NUM_VIEWS; default 1 = the single-view samples above): OpenDWM /
+UniMLVG put six independent OpenDV clips into the six view slots of one item (``mini_batch: 6``, crossview mask
+eye(6); cvd_storm_official.md §1.6), so the DiT's view slots are not spent on padding. With N > 1 a sample holds N
+"base" clips (the single-view clips listed with N = 1) in slots 0..N-1 (view_mask True there), each slot with its
+own frames, its own fake camera K (for its native size, rescaled to ``image_size``; the same fake cam_to_ego) and
+its own per-frame captions; slots N.. are padded as above. Grouping rule: ``perm`` =
+``np.random.RandomState(STACK_SEED).permutation(len(base))`` over the sorted base clip list; group g takes base clips
+``perm[g*N : (g+1)*N]`` in that order (slot j = the j-th of them), g < len(base) // N; the last len(base) % N clips
+of ``perm`` are not listed. Groups are fixed for a fixed base list (same metadata, split, clip_frames, clip_stride);
+two parts of a group may come from the same video. The stacked clip id joins the parts' ids with "+" in slot order,
+e.g. ``"vidA@50+vidB@0+..."``; ``read_clip`` accepts any N such ids (listed or not). Timestamps are the per-frame
+times k / 10 s (every part runs at 10 fps); ego poses stay identity; the dataset tag stays "opendv", so
+``conditions.view_adjacency`` keeps the identity (no cross-view attention between unrelated clips). A stacked reader
+needs a fixed ``image_size`` (parts may differ in native size). Its frame-level interface (``list_scenes``,
+``read_frame(s)``) raises: ``convert.py`` stores videos frame by frame through it and would silently drop the
+stacking, so convert with N = 1.
 """
 from __future__ import annotations
 
@@ -39,6 +56,7 @@ from .readers import ReaderError
 FPS = 10.0
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv")
 FAKE_CAMERA_TRANSLATION = (1.7, 0.0, 1.5)
+STACK_SEED = 0  # Seed of the permutation that groups base clips when stack_views > 1 (module docstring).
 
 
 def fake_camera(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +82,18 @@ class OpenDVReader(readers.ClipReader):
   def __init__(self, root: str | os.PathLike, *, meta_path: str | None = None, video_root: str | None = None,
                caption_path: str | None = None, split: str | None = "Train", clip_frames: int = 19,
                clip_stride: int = 50, image_size: tuple[int, int] | None = (256, 448), max_boxes: int = 1,
-               max_points: int = 1, max_polylines: int = 1, points_per_polyline: int = 2):
+               max_points: int = 1, max_polylines: int = 1, points_per_polyline: int = 2, stack_views: int = 1):
+    """``stack_views``: independent clips per sample, in view slots 0..stack_views-1 (module docstring)."""
+    # bool is an int subclass; a JSON "true" from ``convert --reader-arg`` must not become one view.
+    if isinstance(stack_views, bool) or not isinstance(stack_views, (int, np.integer)) \
+        or not 1 <= stack_views <= schema.NUM_VIEWS:
+      raise ValueError(f"OpenDVReader stack_views must be an int in [1, {schema.NUM_VIEWS}] (the schema's view slots), "
+                       f"got {stack_views!r}")
+    if stack_views > 1 and image_size is None:
+      raise ValueError(f"OpenDVReader stack_views={stack_views} needs a fixed image_size: stacked videos may differ in "
+                       "native size")
+    self.stack_views = int(stack_views)
+    self._stacked_ids: list[str] | None = None  # Lazily built by list_clips (stack_views > 1).
     self.root = os.fspath(root)
     meta_path = meta_path or os.path.join(self.root, "meta", "OpenDV-YouTube.json")
     self.video_root = video_root or os.path.join(self.root, "videos")
@@ -84,6 +113,10 @@ class OpenDVReader(readers.ClipReader):
           raise ValueError(f"{meta_path}: entry {k} lacks {key!r}")
       if split is None or str(m.get("split", "")).lower() == split.lower():
         self._meta[str(m["videoid"])] = m
+    if self.stack_views > 1:
+      joined = sorted(v for v in self._meta if "+" in v)
+      if joined:  # "+" separates the parts of a stacked clip id.
+        raise ValueError(f"{meta_path}: videoid {joined[0]!r} contains '+', which stack_views > 1 cannot parse")
     self._captions: dict[str, tuple[list[float], list[str]]] = {}
     if caption_path:
       with open(caption_path) as f:
@@ -97,7 +130,16 @@ class OpenDVReader(readers.ClipReader):
         items.sort()
         self._captions[vid] = ([t for t, _ in items], [c for _, c in items])
 
+  def _frame_level_only_single_view(self, method: str) -> None:
+    # The frame-level interface is per video (single view); convert.py uses it for OpenDV and would store the
+    # videos unstacked, silently ignoring stack_views. Fail instead.
+    if self.stack_views > 1:
+      raise ValueError(f"OpenDVReader.{method} is single-view (per video) and stack_views={self.stack_views} only "
+                       "applies to list_clips / read_clip; convert.py stores OpenDV frame by frame, so convert with "
+                       "stack_views=1")
+
   def list_scenes(self) -> list[str]:
+    self._frame_level_only_single_view("list_scenes")
     return sorted(self._meta)
 
   def scene_length(self, scene: str) -> int:
@@ -166,40 +208,54 @@ class OpenDVReader(readers.ClipReader):
       raise ReaderError(f"truncated video: no frame within half a frame of t={targets[missing[0]]:.2f}s", path)
     return out, native
 
-  def read_frames(self, scene: str, start: int, count: int) -> list[dict]:
-    """Frame dicts (``frames`` module format) of frames ``start .. start+count-1`` of a video."""
+  def _slot(self, scene: str, start: int, count: int):
+    """One view slot of frames ``start .. start+count-1`` of a video.
+
+    Returns (images uint8 [count, H, W, 3] at image_size (native if None), K [3, 3] for that size (px),
+    cam_to_ego [4, 4] (m), native (W0, H0) px, captions [count] (str)).
+    """
     images, (h0, w0) = self.decode(scene, start, count)
     hw = self.image_size or (h0, w0)
-    k0, c2e0 = fake_camera(w0, h0)
+    k0, c2e = fake_camera(w0, h0)
+    if (h0, w0) != hw:
+      from PIL import Image
+      images = [np.asarray(Image.fromarray(im).resize((hw[1], hw[0]), Image.BILINEAR)) for im in images]
+    t0 = _seconds(self._meta[scene].get("start_discard", 0))
+    captions = [self.caption(scene, t0 + (start + k) / FPS) for k in range(count)]
+    return np.stack(images), geometry.resize_intrinsics(k0, (h0, w0), hw), c2e, (w0, h0), captions
+
+  def _frames(self, parts: list[tuple[str, int]], count: int) -> list[dict]:
+    """Frame dicts (``frames`` module format) with ``parts[j]`` = (video, first frame) in view slot j."""
+    slots = [self._slot(scene, start, count) for scene, start in parts]
+    hw = slots[0][0].shape[1:3]  # Every slot is at image_size (a stacked reader requires one).
     v = schema.NUM_VIEWS
     intr = np.tile(np.eye(3), (v, 1, 1))
-    intr[0] = geometry.resize_intrinsics(k0, (h0, w0), hw)
     c2e = np.tile(np.eye(4), (v, 1, 1))
-    c2e[0] = c2e0
     view_mask = np.zeros(v, bool)
-    view_mask[0] = True
     original = np.zeros((v, 2), np.int32)
-    original[0] = (w0, h0)
-    t0 = _seconds(self._meta[scene].get("start_discard", 0))
+    for j, (_, k, c, native, _) in enumerate(slots):
+      intr[j], c2e[j], view_mask[j], original[j] = k, c, True, native
     out = []
-    for k, im in enumerate(images):
+    for k in range(count):
       views = np.zeros((v, hw[0], hw[1], 3), np.uint8)
-      if im.shape[:2] != hw:
-        from PIL import Image
-        im = np.asarray(Image.fromarray(im).resize((hw[1], hw[0]), Image.BILINEAR))
-      views[0] = im
-      time_s = (start + k) / FPS
       captions = np.array([""] * v, dtype=object)
-      captions[0] = self.caption(scene, t0 + time_s)
+      for j, slot in enumerate(slots):
+        views[j], captions[j] = slot[0][k], slot[4][k]
       out.append({
+          # Slot 0's video time; clips subtract the first frame's, so every part gets k / 10 s.
           "images": views, "view_mask": view_mask, "intrinsics": intr.astype(np.float32),
           "cam_to_ego": c2e.astype(np.float32), "ego_to_world": np.eye(4, dtype=np.float32),
-          "timestamp": time_s, "original_size": original,
+          "timestamp": (parts[0][1] + k) / FPS, "original_size": original,
           "boxes": np.zeros((0, 7), np.float32), "box_class": np.zeros((0,), np.int32),
           "box_track_id": np.zeros((0,), np.int32), "lidar_points": np.zeros((0, 3), np.float32),
           "captions": captions,
       })
     return out
+
+  def read_frames(self, scene: str, start: int, count: int) -> list[dict]:
+    """Frame dicts (``frames`` module format) of frames ``start .. start+count-1`` of a video (single view)."""
+    self._frame_level_only_single_view("read_frames")
+    return self._frames([(scene, start)], count)
 
   def read_frame(self, scene: str, i: int) -> dict:
     return self.read_frames(scene, i, 1)[0]
@@ -207,18 +263,38 @@ class OpenDVReader(readers.ClipReader):
   def scene_map(self, scene: str) -> list:
     return []
 
-  def list_clips(self) -> list[str]:
+  def _base_clips(self) -> list[str]:
+    """Single-view clip ids ``"<videoid>@<first frame>"``, sorted by video, then first frame."""
     out = []
-    for scene in self.list_scenes():
+    for scene in sorted(self._meta):
       n = self.scene_length(scene)
       out.extend(f"{scene}@{s}" for s in range(0, n - self.clip_frames + 1, self.clip_stride))
     return out
 
-  def read_clip(self, clip_id: str) -> dict:
-    scene, _, start = clip_id.rpartition("@")
+  def list_clips(self) -> list[str]:
+    if self.stack_views == 1:
+      return self._base_clips()
+    if self._stacked_ids is None:
+      base, n = self._base_clips(), self.stack_views
+      # Legacy RandomState: its permutation is frozen across NumPy versions, so stacked ids (and converted data
+      # keyed by them) stay the same; Generator streams may change between releases.
+      perm = np.random.RandomState(STACK_SEED).permutation(len(base))
+      self._stacked_ids = ["+".join(base[i] for i in perm[g * n:(g + 1) * n]) for g in range(len(base) // n)]
+    return list(self._stacked_ids)
+
+  def _parse_part(self, part: str, clip_id: str) -> tuple[str, int]:
+    scene, _, start = part.rpartition("@")
     if scene not in self._meta or not start.isdigit():
-      raise KeyError(f"bad OpenDV clip id {clip_id!r}; expected '<videoid>@<first frame>' of a listed video")
-    frames = self.read_frames(scene, int(start), self.clip_frames)
+      raise KeyError(f"bad OpenDV clip id {clip_id!r}; expected '<videoid>@<first frame>' of a listed video"
+                     + (f", joined by '+' ({self.stack_views} parts)" if self.stack_views > 1 else ""))
+    return scene, int(start)
+
+  def read_clip(self, clip_id: str) -> dict:
+    # Only a stacked reader splits on "+": a single-view id is one part whatever it contains.
+    pieces = clip_id.split("+") if self.stack_views > 1 else [clip_id]
+    if len(pieces) != self.stack_views:
+      raise KeyError(f"bad OpenDV clip id {clip_id!r}: {len(pieces)} parts, stack_views={self.stack_views}")
+    frames = self._frames([self._parse_part(p, clip_id) for p in pieces], self.clip_frames)
     return frames_lib.assemble_clip(frames, [], dataset=self.dataset, clip_id=clip_id, fps=FPS,
                                     max_boxes=self.max_boxes, max_points=self.max_points,
                                     max_polylines=self.max_polylines, points_per_polyline=self.points_per_polyline)

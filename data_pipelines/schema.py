@@ -4,7 +4,7 @@ A sample is a flat ``dict[str, np.ndarray]`` for one clip of T frames x V camera
 
 Images and cameras (per frame t, view slot v):
   images        uint8   [T, V, H, W, 3]  RGB. Slots with view_mask False are black.
-  view_mask     bool    [V]              True where the slot holds a real camera (Waymo fills 5 of 6; OpenDV 1).
+  view_mask     bool    [V]              True where the slot holds a real camera (Waymo 5 of 6; OpenDV 1, or N stacked).
   intrinsics    float32 [T, V, 3, 3]     pinhole K in pixels of *this* H x W (rescaled with the image).
   cam_to_ego    float32 [T, V, 4, 4]     camera -> ego. Camera frame is OpenCV (x right, y down, z forward);
                                          ego frame is x forward, y left, z up, metres.

@@ -168,6 +168,25 @@ def test_cli_opendv(tmp_path):
                         {k: v for k, v in want.items() if k != "images"})
 
 
+def test_opendv_stacked_views_convert_clip_by_clip(tmp_path):
+  """OpenDV with stack_views (independent clips as views, as OpenDWM trains on it) converts clip by clip and reads
+  back as the reader's stacked samples."""
+  import test_opendv
+  root = test_opendv.write_dataset(tmp_path / "src")
+  kw = dict(clip_stride=5, stack_views=2)
+  summary = convert.convert("opendv", str(root), str(tmp_path / "out"), image_size=(24, 32), clip_frames=5,
+                            reader_kwargs=kw, progress=False)
+  reader = opendv.OpenDVReader(root, clip_frames=5, image_size=(24, 32), **kw)
+  source = arrayrecord_source.ArrayRecordClipSource(tmp_path / "out")
+  assert len(source) == summary["clips"] == len(reader.list_clips()) == 2
+  for i in range(len(source)):
+    got, want = source[i], reader.read_clip(source.clip_id(i))
+    assert got["view_mask"].tolist() == [True, True, False, False, False, False]
+    assert np.abs(got["images"].astype(int) - want["images"]).max() <= 4
+    _assert_same_sample({k: v for k, v in got.items() if k != "images"},
+                        {k: v for k, v in want.items() if k != "images"})
+
+
 def test_unknown_dataset_and_bad_size():
   with pytest.raises(ValueError, match="unknown dataset"):
     convert.convert("kitti", "/nonexistent", "/tmp/x")

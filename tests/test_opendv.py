@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-from cvd_storm_jax.data_pipelines import geometry, opendv, readers, schema
+from cvd_storm_jax.data_pipelines import conditions, geometry, opendv, readers, schema
 
 SRC_FPS = 30
 SECONDS = 3
@@ -17,14 +17,14 @@ def frame_level(i: int) -> int:
   return (i * 3) % 256
 
 
-def write_video(path, seconds=SECONDS, fps=SRC_FPS, hw=NATIVE_HW):
+def write_video(path, seconds=SECONDS, fps=SRC_FPS, hw=NATIVE_HW, level=frame_level):
   with av.open(str(path), "w") as out:
     stream = out.add_stream("libx264", rate=fps)
     stream.width, stream.height = hw[1], hw[0]
     stream.pix_fmt = "yuv420p"
     stream.options = {"crf": "10", "g": "12"}
     for i in range(seconds * fps):
-      img = np.full((*hw, 3), frame_level(i), np.uint8)
+      img = np.full((*hw, 3), level(i), np.uint8)
       for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
         out.mux(packet)
     for packet in stream.encode():
@@ -50,6 +50,25 @@ def write_dataset(root, *, with_video=True):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   return write_dataset(tmp_path_factory.mktemp("opendv"))
+
+
+@pytest.fixture(scope="module")
+def stack_root(tmp_path_factory):
+  """``write_dataset`` plus a second Train video of another native size (flat layout) and a caption file."""
+  root = write_dataset(tmp_path_factory.mktemp("opendv_stack"))
+  meta = json.loads((root / "meta" / "OpenDV-YouTube.json").read_text())
+  meta.append({"id": 3, "videoid": "vidB", "youtuber": "Other", "split": "Train", "area": "Paris", "state": "France",
+               "start_discard": 0, "end_discard": 0, "length": 2})
+  (root / "meta" / "OpenDV-YouTube.json").write_text(json.dumps(meta))
+  write_video(root / "videos" / "vidB.mp4", seconds=2, hw=(32, 40), level=lambda i: 255 - frame_level(i))
+  # Per-frame captions for vidA (they change at frame 6 of the video); vidB falls back to its metadata.
+  (root / "caps.json").write_text(json.dumps({"vidA.500": "first", "vidA.1500": "later"}))
+  return root
+
+
+def stack_readers(root, n):
+  kw = dict(clip_frames=5, clip_stride=5, image_size=(24, 32), caption_path=str(root / "caps.json"))
+  return opendv.OpenDVReader(root, **kw), opendv.OpenDVReader(root, stack_views=n, **kw)
 
 
 def test_clips_frames_and_timestamps(root):
@@ -112,3 +131,77 @@ def test_truncated_video_is_a_reader_error(root, tmp_path):
   r = opendv.OpenDVReader(tmp_path, video_root=str(root / "videos"), clip_frames=3)
   with pytest.raises(readers.ReaderError, match="^truncated video"):
     r.read_clip("vidA@40")
+
+
+@pytest.mark.parametrize("n", [6, 3])
+def test_stacked_views_are_the_single_view_clips(stack_root, n):
+  single, stacked = stack_readers(stack_root, n)
+  base = single.list_clips()
+  assert base == [f"vid{v}@{s}" for v in "AB" for s in (0, 5, 10, 15)]  # 8 base clips, 20 frames per video.
+  ids = stacked.list_clips()
+  # The documented rule: group g = base clips perm[g*n:(g+1)*n] of a fixed-seed permutation; the rest unlisted.
+  perm = np.random.RandomState(opendv.STACK_SEED).permutation(len(base))
+  assert ids == ["+".join(base[i] for i in perm[g * n:(g + 1) * n]) for g in range(len(base) // n)]
+  assert len(stacked) == len(base) // n and stack_readers(stack_root, n)[1].list_clips() == ids  # Deterministic.
+  parts_of = [cid.split("+") for cid in ids]
+  used = [p for parts in parts_of for p in parts]
+  assert len(used) == len(set(used)) == len(ids) * n  # Groups are disjoint.
+  assert {p.split("@")[0] for p in used} == {"vidA", "vidB"}  # Both native sizes are stacked and resized.
+  for cid, parts in zip(ids, parts_of):
+    s = stacked.read_clip(cid)
+    dims = schema.validate(s)
+    assert (dims["T"], dims["V"], dims["H"], dims["W"]) == (5, 6, 24, 32)
+    assert s["clip_id"] == cid and s["dataset"] == "opendv"
+    np.testing.assert_array_equal(s["view_mask"], np.arange(6) < n)
+    np.testing.assert_array_equal(conditions.view_adjacency(s["view_mask"], s["dataset"]), np.eye(6, dtype=bool))
+    np.testing.assert_allclose(s["timestamps"], np.arange(5) / 10.0)
+    np.testing.assert_array_equal(s["ego_to_world"], np.tile(np.eye(4), (5, 1, 1)))
+    assert not s["box_mask"].any() and not s["map_mask"].any() and not s["lidar_mask"].any()
+    for j, part in enumerate(parts):
+      one = single.read_clip(part)
+      np.testing.assert_array_equal(s["images"][:, j], one["images"][:, 0])  # Pixel-equal.
+      np.testing.assert_array_equal(s["captions"][:, j], one["captions"][:, 0])
+      np.testing.assert_array_equal(s["intrinsics"][:, j], one["intrinsics"][:, 0])
+      np.testing.assert_array_equal(s["cam_to_ego"][:, j], one["cam_to_ego"][:, 0])
+      np.testing.assert_array_equal(s["original_size"][j], one["original_size"][0])
+    # Padded slots as in the single-view samples.
+    assert np.all(s["images"][:, n:] == 0) and np.all(s["captions"][:, n:] == "")
+    np.testing.assert_array_equal(s["intrinsics"][:, n:], np.broadcast_to(np.eye(3), (5, 6 - n, 3, 3)))
+    np.testing.assert_array_equal(s["original_size"][n:], 0)
+
+
+def test_stacked_slots_keep_their_own_camera_and_captions(stack_root):
+  _, stacked = stack_readers(stack_root, 2)
+  s = stacked.read_clip("vidB@10+vidA@0")  # Any N parts may be read, listed or not.
+  np.testing.assert_array_equal(s["original_size"][:2], [(40, 32), (64, 48)])
+  for j, (w, h) in enumerate([(40, 32), (64, 48)]):
+    want = geometry.resize_intrinsics(opendv.fake_camera(w, h)[0], (h, w), (24, 32))
+    np.testing.assert_allclose(s["intrinsics"][0, j], want, rtol=1e-6)
+  assert s["captions"][0, 0] == "A front-camera driving video in Paris, France."
+  assert list(s["captions"][:, 1]) == ["first"] * 5
+  # Each slot holds its own video's frames: vidB frame 10 + k is at t = (10 + k) / 10 s (source frame 3 (10 + k),
+  # inverted levels); vidA frame k at t = 0.5 + k / 10 s (source frame 15 + 3 k).
+  for k in range(5):
+    assert abs(s["images"][k, 0].astype(np.float64).mean() - (255 - frame_level(3 * (10 + k)))) < 2.0, k
+    assert abs(s["images"][k, 1].astype(np.float64).mean() - frame_level(15 + 3 * k)) < 2.0, k
+
+
+def test_bad_stack_views(root, stack_root):
+  for bad in (0, 7, -1, 2.0, "6", True, None):
+    with pytest.raises(ValueError, match="stack_views"):
+      opendv.OpenDVReader(root, stack_views=bad)
+  with pytest.raises(ValueError, match="stack_views=2 needs a fixed image_size"):
+    opendv.OpenDVReader(root, stack_views=2, image_size=None)
+  assert opendv.OpenDVReader(root, clip_frames=5, clip_stride=10).list_clips() == \
+      opendv.OpenDVReader(root, clip_frames=5, clip_stride=10, stack_views=1).list_clips() == ["vidA@0", "vidA@10"]
+  _, stacked = stack_readers(stack_root, 3)
+  with pytest.raises(KeyError, match="2 parts, stack_views=3"):
+    stacked.read_clip("vidA@0+vidB@0")
+  with pytest.raises(KeyError, match="bad OpenDV clip id"):
+    stacked.read_clip("vidA@0+nope@0+vidB@0")
+  # The frame-level (per-video) interface that convert.py uses would drop the stacking: it refuses.
+  for call in (stacked.list_scenes, lambda: stacked.read_frame("vidA", 0)):
+    with pytest.raises(ValueError, match="stack_views=3"):
+      call()
+  # Too few base clips for one group: an empty reader, not an error.
+  assert opendv.OpenDVReader(root, clip_frames=5, clip_stride=10, stack_views=3).list_clips() == []

@@ -175,6 +175,18 @@ def test_remat_switches_keep_less_and_give_the_same_gradients(env):
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_stacked_independent_clips_are_not_a_scene(env):
+  """Views without cross-view links (OpenDV clips stacked as views: identity adjacency) never train the GS decoder,
+  even with several real views and depth; a real rig's ring does."""
+  task = env["task"]
+  host = _host_batch([env["scene"], env["scene"]], [True, True])
+  host["view_adjacency"] = np.stack([conditions.view_adjacency(np.ones(V, bool)),
+                                     conditions.view_adjacency(np.ones(V, bool), "opendv")])
+  batch = {k: jnp.asarray(x) for k, x in task.device_batch(host).items()}
+  sel = task.select(batch, None, target_frames=(0, 2))
+  assert np.asarray(sel["storm_valid"]).tolist() == [True, False]
+
+
 def test_opendv_samples_train_the_vae_only(env):
   task = env["task"]
   (loss, (m, aux)), g = env["grad_fn"](env["params"], env["only_opendv"], jax.random.key(1), 1.0, task.storm_lambda)

@@ -8,8 +8,9 @@ Per training sample (all draws from the step's key):
 - the context images are encoded once; a posterior sample goes through the VAE decoder (L_VAE over the real context
   images) and, normalised to the diffusion latent space, through the GS decoder, whose Gaussians are rendered into the
   target cameras (L_STORM, see cvd_storm_jax/storm_losses.py);
-- samples with fewer than ``storm.min_views`` real views or (``storm.require_lidar``) without any LiDAR depth -- OpenDV
-  -- train the VAE branch only: their STORM loss is masked per sample, so their GS-decoder gradient is exactly zero.
+- samples with fewer than ``storm.min_views`` real views, whose views are not one scene (no cross-view links: OpenDV
+  clips stacked as views) or (``storm.require_lidar``) without any LiDAR depth -- OpenDV -- train the VAE branch only:
+  their STORM loss is masked per sample, so their GS-decoder gradient is exactly zero.
 
 Params: {"vae": AutoencoderKL, "gs": GSDecoder[, "lpips": frozen LPIPS-VGG]}. ``init_from_vae`` (a diffusers
 AutoencoderKL folder, e.g. the SD3.5 root's vae/) fills "vae" with imported weights inside ``init`` (via a host
@@ -119,6 +120,11 @@ class StormVAETask:
     ts = out["timestamps"].astype(np.float64)
     out["timestamps"] = (ts - ts[:, :1]).astype(np.float32)  # seconds since the clip's first frame, fp32-safe
     b, t, v = out["images"].shape[:3]
+    # Views of one scene (cross-view links between them), not independent clips stacked as views (OpenDV with
+    # stack_views: identity adjacency): only those can train the GS decoder.
+    adj = host_batch.get("view_adjacency")
+    out["one_scene"] = (np.ones((b,), bool) if adj is None else
+                        (np.asarray(adj, bool) & ~np.eye(v, dtype=bool)).any(axis=(1, 2)))
     if max(self.context_frames + self.target_frames) >= t:
       raise ValueError(f"context frames {self.context_frames} / target frames {self.target_frames} need a clip of "
                        f"more than {max(self.context_frames + self.target_frames)} frames; the batch has T={t}")
@@ -153,7 +159,7 @@ class StormVAETask:
     depth = batch["depth"].astype(jnp.float32)
     view_mask = batch["view_mask"].astype(bool)
     n_views = jnp.sum(view_mask, axis=-1)
-    storm_valid = n_views >= self.min_views
+    storm_valid = (n_views >= self.min_views) & batch.get("one_scene", jnp.ones_like(n_views, bool))
     if self.require_lidar:
       storm_valid &= jnp.any(depth > self.storm_weights.min_depth, axis=(1, 2, 3, 4))
     return dict(
