@@ -6,7 +6,7 @@ from converted SD3.5 weights and precomputed text embeddings:
 
   python -m cvd_storm_jax.train --config=configs/dit.py --workdir=$WORKDIR \
       --config.data.root=/data/cvd_shards --config.init_from=/ckpt/sd35_medium_params \
-      --config.text.null_embedding=/data/text_emb
+      --config.data.text_embeddings=/data/text_emb
 
 Expect: about 4.1 B params; at 256x448 one clip is 51,072 image tokens (each image attends jointly with its 154 text
 tokens). Only the paper's schedule is given (no step count for the main model); OpenDWM's C35 trains 40k steps.
@@ -54,7 +54,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.text.kind = "hashed_words" if tiny else "precomputed"
   c.text.vocab_size = 512
   c.text.max_length = 16
-  c.text.null_embedding = ""  # TextEmbeddingStore path holding the "" prompt (text.kind = precomputed)
+  # TextEmbeddingStore holding the "" prompt (text.kind = precomputed); "" = data.text_embeddings' own row 0.
+  c.text.null_embedding = ""
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.shift = 3.0

@@ -110,15 +110,18 @@ def run(argv: Sequence[str] | None = None, *, after_rows_written: Callable[[int,
   meta_path = os.path.join(args.out, "meta.json")
   existing = read_json(meta_path) if os.path.isfile(meta_path) and os.path.isfile(
       os.path.join(args.out, "progress.json")) else None
-  if existing is not None and existing.get("captions") == captions and existing.get("t5_length") == args.t5_length \
-      and existing.get("dtype") == args.dtype and existing.get("has_t5") == (not args.no_t5):
+  # Every row of one store comes from the same encoders and settings (weights and compute dtype included).
+  same = dict(t5_length=args.t5_length, dtype=args.dtype, has_t5=not args.no_t5,
+              weights=os.path.abspath(args.weights), compute_dtype=args.compute_dtype)
+  if existing is not None and existing.get("captions") == captions and all(existing.get(k) == v
+                                                                            for k, v in same.items()):
     store = TextEmbeddingStore(args.out)
     if store.complete:
       print(f"{args.out}: all {store.done} captions already done")
       return store.done
   elif existing is not None:
-    raise SystemExit(f"{args.out} holds a store made from other captions or settings (t5_length "
-                     f"{existing.get('t5_length')}, dtype {existing.get('dtype')}, has_t5 {existing.get('has_t5')}, "
+    differ = {k: existing.get(k) for k, v in same.items() if existing.get(k) != v}
+    raise SystemExit(f"{args.out} holds a store made from other captions or settings ({differ}, "
                      f"{len(existing.get('captions', []))} captions); choose another --out or delete it")
   else:
     store = None

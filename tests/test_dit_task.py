@@ -2,6 +2,8 @@
 the reference-frame and condition-drop logic, and rectified flow against diffusers' scheduler."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,41 @@ def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):
   w = np.broadcast_to(np.asarray(batch["view_mask"], np.float64)[:, None, :], t.shape)
   want = (err.mean(axis=(3, 4, 5)) * w).sum() / w.sum()
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def _write_text_store(path, captions, *, clip_length=3, clip_dim=4, joint_dim=8, pooled_dim=6, t5_length=0):
+  """A TextEmbeddingStore in its documented on-disk format; row i holds the value i everywhere."""
+  import json
+  os.makedirs(path, exist_ok=True)
+  n = len(captions)
+  rows = np.arange(n, dtype=np.float32)
+  np.save(os.path.join(path, "clip.npy"), np.broadcast_to(rows[:, None, None], (n, clip_length, clip_dim)).copy())
+  np.save(os.path.join(path, "pooled.npy"), np.broadcast_to(rows[:, None], (n, pooled_dim)).copy())
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump(dict(format="cvd_storm_text_embeddings/v1", captions=list(captions), clip_length=clip_length,
+                   t5_length=t5_length, clip_dim=clip_dim, joint_dim=joint_dim, pooled_dim=pooled_dim,
+                   dtype="float32", has_t5=False), f)
+  with open(os.path.join(path, "progress.json"), "w") as f:
+    json.dump({"done": n}, f)
+
+
+def test_precomputed_text_drops_to_the_data_stores_empty_prompt(tmp_path):
+  """text.kind=precomputed: the dropped prompt is row 0 ("") of data.text_embeddings unless text.null_embedding names
+  another store, which must have been computed the same way; neither given is an error naming the keys."""
+  config = small_dit_config()
+  config.text.kind = "precomputed"
+  config.model.joint_attention_dim, config.model.pooled_projection_dim = 8, 6
+  _write_text_store(str(tmp_path / "data"), ["", "a road", "a bridge"])
+  config.data.text_embeddings = str(tmp_path / "data")
+  task = dit_task.make_task(config)
+  np.testing.assert_array_equal(task.null_text[1], 0.0)  # row 0
+  _write_text_store(str(tmp_path / "other"), ["x", ""], clip_length=5)
+  config.text.null_embedding = str(tmp_path / "other")
+  with pytest.raises(ValueError, match="clip_length"):
+    dit_task.make_task(config)
+  config.text.null_embedding, config.data.text_embeddings = "", ""
+  with pytest.raises(ValueError, match="data.text_embeddings"):
+    dit_task.make_task(config)
 
 
 def test_dropped_conditions_change_the_prediction_and_grey_layout(host_batch):

@@ -129,7 +129,22 @@ class DiTTask:
     self.null_text = None
     if config.text.kind == "precomputed":
       from cvd_storm_jax.data_pipelines.text_store import TextEmbeddingStore
-      tokens, pooled = TextEmbeddingStore(config.text.null_embedding).lookup([""])
+      data_store = str(config.data.get("text_embeddings", "") or "")
+      null_path = str(config.text.null_embedding or "") or data_store  # precompute_text stores "" as row 0
+      if not null_path:
+        raise ValueError("text.kind='precomputed' needs config.data.text_embeddings (the store of the data's "
+                         "captions, python -m cvd_storm_jax.precompute_text), or config.text.null_embedding")
+      null_store = TextEmbeddingStore(null_path)
+      if data_store and null_path != data_store:
+        # The dropped prompt must come from the same encoders and settings as the captions it replaces.
+        keys = ("clip_length", "t5_length", "clip_dim", "joint_dim", "pooled_dim", "has_t5")
+        data_meta = TextEmbeddingStore(data_store).meta
+        differ = {k: (null_store.meta.get(k), data_meta.get(k)) for k in keys
+                  if null_store.meta.get(k) != data_meta.get(k)}
+        if differ:
+          raise ValueError(f"text.null_embedding={null_path} and data.text_embeddings={data_store} were computed "
+                           f"differently: {differ} (null, data)")
+      tokens, pooled = null_store.lookup([""])
       self.null_text = (np.asarray(tokens[0], np.float32), np.asarray(pooled[0], np.float32))
     elif config.text.kind != "hashed_words":
       raise ValueError(f"config.text.kind={config.text.kind!r}; expected 'hashed_words' or 'precomputed'")
