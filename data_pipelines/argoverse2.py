@@ -27,22 +27,33 @@ Map (city frame): lane_segments' left/right lane boundaries -> lane_line (shared
 drivable_areas' area_boundary -> road_edge (closed), pedestrian_crossings (edge1 + reversed edge2, closed) ->
 crosswalk; only the parts within ``map_radius_m`` of the ego path.
 
-Captions: ``caption_file`` JSON keyed by "<log_id>/<camera>/<timestamp_ns>" (values str or a dict of fields, see
-``readers.format_caption``); an image without an entry takes the nearest-in-time caption of the same log and camera.
-Without a file: "Driving in <city>." for every view.
+Captions: ``caption_file`` is a JSON object of per-image entries (a str, or a DriveMLM dict of fields joined by
+``readers.format_caption``), keyed either way (timestamps in ns):
+  "<log_id>/<camera>/<timestamp_ns>"                          e.g. "0c6e.../ring_side_right/315966265659927216"
+  "sensor/<split>/<log_id>|cameras/<camera>|<timestamp_ns>"   OpenDWM's DriveMLM file for AV2 (its argoverse.py)
+An image takes the entry of its log and camera nearest in time (as OpenDWM does). Dict entries stay raw until a frame's
+views are assembled; then time and weather are set to their most common value over the views
+(``readers.align_caption_fields``, OpenDWM's align_keys ["time", "weather"]) and only then joined. A file none of whose
+keys names a (log, camera) of the reader raises ReaderError (a wrong file or key format); keys of other logs or
+cameras are ignored (a file may cover a whole split); real views whose log and camera have no entry, or whose entry
+joins to "", take the metadata caption, with one warning per reader naming how many (log, camera) pairs lack entries.
+Metadata caption (also without a file): "Driving in <city>." ("Driving." when the map names no city). Empty slots
+(camera None) have the caption "".
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
 
 import numpy as np
 
 from . import geometry, schema
-from .readers import (ClipReader, ReaderError, check_sample, crop_polylines_near, format_caption, pack_boxes,
-                      nearest_indices, pack_lidar, pack_polylines, pose_matrix, quat_to_matrix, read_jpeg,
-                      resample_nearest, yaw_of)
+from .readers import (ClipReader, ReaderError, align_caption_fields, check_sample, crop_polylines_near,
+                      format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix,
+                      quat_to_matrix, read_caption_file, read_jpeg, resample_nearest, yaw_of)
 
 CAMERAS = ("ring_front_left", "ring_front_right", "ring_side_right", "ring_rear_right", "ring_rear_left",
            "ring_side_left")
@@ -59,6 +70,13 @@ CATEGORY_TO_CLASS = {
 }
 CITY_NAMES = {"PIT": "Pittsburgh", "WDC": "Washington DC", "MIA": "Miami", "ATX": "Austin", "PAO": "Palo Alto",
               "DTW": "Detroit"}
+# Caption-file key formats (see the module docstring): ours, and OpenDWM's "<scene_camera>|<timestamp>" with
+# scene_camera = "sensor/<split>/<log_id>|cameras/<camera>".
+CAPTION_KEY_FORMATS = ("<log_id>/<camera>/<timestamp_ns>", "sensor/<split>/<log_id>|cameras/<camera>|<timestamp_ns>")
+_CAPTION_KEY_RES = (re.compile(r"^(?P<log>[^/|]+)/(?P<cam>[^/|]+)/(?P<ts>\d+)$"),
+                    re.compile(r"^sensor/[^/|]+/(?P<log>[^/|]+)\|cameras/(?P<cam>[^/|]+)\|(?P<ts>\d+)$"))
+
+_log = logging.getLogger(__name__)
 
 
 def _read_feather(path: str, what: str = "file (feather)") -> dict[str, list]:
@@ -113,6 +131,7 @@ class Argoverse2Reader(ClipReader):
     self.map_radius_m, self.require_map, self.load_lidar = map_radius_m, require_map, load_lidar
     if logs is None:
       logs = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "city_SE3_egovehicle.feather")))
+    self._logs = list(logs)
     self._clips: dict[str, tuple[str, list[dict[str, int]]]] = {}
     for log in logs:
       self._index_log(log)
@@ -236,32 +255,45 @@ class Argoverse2Reader(ClipReader):
     return out
 
   # ---------------------------------------------------------------- captions
-  def _load_captions(self, path: str) -> dict[tuple[str, str], list[tuple[int, str]]]:
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ReaderError(f"cannot read caption file ({e})", path) from e
-    if not isinstance(raw, dict):
-      raise ReaderError("caption file must hold a JSON object", path)
-    out: dict[tuple[str, str], list[tuple[int, str]]] = {}
+  def _load_captions(self, path: str) -> dict[tuple[str, str], tuple[np.ndarray, list]]:
+    """(log, camera) -> (sorted timestamps ns, raw entries) for the logs and cameras of this reader."""
+    formats = " or ".join(repr(f) for f in CAPTION_KEY_FORMATS)
+    raw = read_caption_file(path, formats)
+    if not raw:
+      raise ReaderError(f"caption file has no entries (keys {formats})", path)
+    wanted = {(log, c) for log in self._logs for c in self.cameras if c is not None}
+    rows: dict[tuple[str, str], dict[int, object]] = {}
     for key, value in raw.items():
-      parts = key.split("/")
-      if len(parts) != 3 or not parts[2].isdigit():
-        raise ReaderError(f"caption key {key!r} is not '<log_id>/<camera>/<timestamp_ns>'", path)
-      out.setdefault((parts[0], parts[1]), []).append((int(parts[2]), format_caption(value)))
-    for rows in out.values():
-      rows.sort()
-    return out
+      m = next((m for m in (r.match(key) for r in _CAPTION_KEY_RES) if m), None)
+      if m is None:
+        raise ReaderError(f"caption key {key!r} is in no accepted format ({formats})", path)
+      if value is not None and not isinstance(value, (str, dict)):
+        raise ReaderError(f"caption entry {key!r} is a {type(value).__name__}, not a str or a dict of fields", path)
+      pair, ts = (m["log"], m["cam"]), int(m["ts"])
+      if pair not in wanted:
+        continue  # another log or camera than this reader's: a caption file may cover a whole split
+      per_time = rows.setdefault(pair, {})
+      if ts in per_time:  # the same image under both key formats: which one is meant is unknowable
+        raise ReaderError(f"caption file has two entries for {pair[0]}/{pair[1]}/{ts}", path)
+      per_time[ts] = value
+    if wanted and not rows:
+      raise ReaderError(f"no caption key names a log and camera of this reader ({len(self._logs)} log(s), e.g. "
+                        f"{self._logs[0]!r}); example key {next(iter(raw))!r}; accepted keys {formats}", path)
+    missing = sorted(wanted - set(rows))
+    if missing:
+      # Once per reader, not per image: these views take the metadata caption (read_clip).
+      _log.warning("Argoverse 2 caption file %s has no entries for %d of %d (log, camera) pairs of the reader "
+                   "(e.g. %s/%s); their images take the metadata caption", path, len(missing), len(wanted),
+                   *missing[0])
+    return {pair: (np.asarray(sorted(per_time), np.int64), [per_time[t] for t in sorted(per_time)])
+            for pair, per_time in rows.items()}
 
-  def _caption(self, log: str, cam: str, ts: int, fallback: str) -> str:
-    if self._captions is None:
+  def _caption_entry(self, log: str, cam: str, ts: int, fallback: str):
+    """The raw entry (str or dict) nearest in time of ``log``/``cam``, or ``fallback`` when it has none."""
+    if self._captions is None or (log, cam) not in self._captions:
       return fallback
-    rows = self._captions.get((log, cam))
-    if not rows:
-      return ""
-    j = int(nearest_indices(np.asarray([r[0] for r in rows], np.int64), np.asarray([ts]))[0])
-    return rows[j][1]
+    times, entries = self._captions[(log, cam)]
+    return entries[int(nearest_indices(times, np.asarray([ts]))[0])]
 
   # ---------------------------------------------------------------- clips
   def read_clip(self, clip_id: str) -> dict:
@@ -285,7 +317,7 @@ class Argoverse2Reader(ClipReader):
     captions = np.full((num_t, num_v), "", dtype=object)
     original_size = np.tile(np.asarray([hw[1], hw[0]], np.int32), (num_v, 1))  # empty slots: the output size
     city = entry["city"]
-    fallback = f"Driving in {CITY_NAMES.get(city, city)}." if city else ""
+    fallback = f"Driving in {CITY_NAMES.get(city, city)}." if city else "Driving."
     box_frames, lidar_frames, tracks = [], [], set()
     ann = entry["ann"]
     for t, frame in enumerate(frames):
@@ -293,6 +325,7 @@ class Argoverse2Reader(ClipReader):
       ref = self._pose(entry, lt)
       world_to_ego = geometry.invert_rigid(ref)
       ego_to_world[t] = ref
+      entries = [None] * num_v  # raw caption entries of this frame's views; None = empty slot
       for v, cam in enumerate(self.cameras):
         if cam is None:
           continue
@@ -304,7 +337,12 @@ class Argoverse2Reader(ClipReader):
         original_size[v] = (src_hw[1], src_hw[0])
         intrinsics[t, v] = geometry.resize_intrinsics(k, src_hw, hw) if src_hw != hw else k
         cam_to_ego[t, v] = world_to_ego @ self._pose(entry, ct) @ entry["ego_sensor"][cam]
-        captions[t, v] = self._caption(log, cam, ct, fallback)
+        entries[v] = self._caption_entry(log, cam, ct, fallback)
+      # Align time / weather over the frame's views before joining, as OpenDWM does; an entry that joins to ""
+      # (no known field) would give a real view no caption at all.
+      for v, raw in enumerate(align_caption_fields(entries)):
+        text = format_caption(raw)
+        captions[t, v] = text if text or self.cameras[v] is None else fallback
       rows, cls, uuids = [], [], []
       for i in entry["ann_rows"].get(int(lt), []):
         name = CATEGORY_TO_CLASS.get(ann["category"][i])

@@ -60,12 +60,25 @@ only the parts within ``map_radius_m`` of the clip's ego path. Missing map file 
 ``require_map=False`` (default True: ReaderError).
 
 Captions (one per frame and view):
-  * ``caption_file``: a JSON dict keyed by camera sample_data token or by image filename relative to dataroot
-    (``samples/CAM_FRONT/....jpg``); values are a str or a dict of fields (time, weather, environment, objects,
-    image_description; joined as in ``readers.format_caption``). Captions are usually made at 2 Hz: an image not
-    in the file takes the caption of the nearest-in-time captioned image of the same camera in the same scene.
-  * otherwise from scene metadata: "<night|daytime>. <rainy|clear>. <scene description>. <location>." with
-    night/rain detected from the scene description (nuScenes descriptions mark "night" and "rain").
+  * ``caption_file``: a JSON object whose keys are any mix of
+      - a camera sample_data token;
+      - an image filename relative to dataroot (``samples/CAM_FRONT/....jpg``);
+      - OpenDWM's ``"<scene_token>|<channel>|<timestamp>"`` (its published nuScenes DriveMLM captions, e.g.
+        ``"cc8c0bf57f984915a77078b10eb33198|CAM_FRONT|1531883530412470"``; the timestamp is the image's sample_data
+        timestamp in microseconds, as OpenDWM reads it),
+    and whose values are a str or a dict of fields (time, weather, environment, objects, image_description).
+    Captions are usually made at 2 Hz: an image takes the entry of the nearest-in-time captioned image of the same
+    camera in the same scene (ties: the earlier; OpenDWM's ``find_nearest``), compared with the image's capture
+    time (its ego pose's, equal to its timestamp in the v1.0 tables). The 6 entries of a frame then get the most
+    common time and weather of their dicts (``readers.align_caption_fields``, OpenDWM's ``align_keys``) and are
+    joined as in ``readers.format_caption``; str entries pass unchanged.
+  * A file is never dropped silently: when no key matches a scene of the reader: ReaderError; keys that match
+    nothing (unknown token / filename / scene, a non-camera channel, a bad timestamp) and scene cameras left without
+    any caption are reported in one warning. Keys of a table scene that ``scenes`` did not select are skipped quietly
+    (a split reader given the caption file of all scenes).
+  * otherwise -- and for an image whose scene and camera have no entry in the file, or whose entry is empty -- from
+    scene metadata: "<night|daytime>. <rainy|clear>. <scene description>. <location>." with night/rain detected
+    from the scene description (nuScenes descriptions mark "night" and "rain"). A caption is never "".
 """
 from __future__ import annotations
 
@@ -79,8 +92,8 @@ from typing import Any
 import numpy as np
 
 from . import geometry, schema
-from .readers import (ClipReader, ReaderError, check_sample, crop_polylines_near, format_caption,
-                      nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix, quat_slerp,
+from .readers import (ClipReader, ReaderError, align_caption_fields, check_sample, crop_polylines_near,
+                      format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix, quat_slerp,
                       quat_to_matrix, read_jpeg, resample_nearest, yaw_of)
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
@@ -441,39 +454,92 @@ class NuScenesReader(ClipReader):
     return out
 
   # ---------------------------------------------------------------- captions
-  def _load_captions(self, path: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
-    """caption file -> {scene name: {channel: sorted [(timestamp_us, caption)]}}."""
+  def _load_captions(self, path: str) -> dict[str, dict[str, tuple[np.ndarray, list]]]:
+    """caption file -> {scene name: {channel: (sorted capture times [n] int64 us, their raw entries)}}.
+
+    Entries stay raw (str or dict) because a frame's views are aligned before they are formatted (read_clip).
+    """
     raw = _load_json(path)
     if not isinstance(raw, dict):
       raise ReaderError("caption file must hold a JSON object", path)
-    by_file = {}
-    for sd in self.tables["sample_data"]:
-      by_file[sd["filename"]] = sd
-    out: dict[str, dict[str, list[tuple[int, str]]]] = {}
-    scene_name = {sc["scene"]["token"]: n for n, sc in self._scenes.items()}
+    table_scenes = {s["token"] for s in self.tables["scene"]}
+    selected = {sc["scene"]["token"]: n for n, sc in self._scenes.items()}
+    by_file: dict[str, dict] = {}
+    rows: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+    unmatched: list[str] = []
     for key, value in raw.items():
-      sd = self._by_token["sample_data"].get(key) or by_file.get(key)
-      if sd is None:
-        continue
-      channel = self._by_token["sensor"][self._calib(sd)["sensor_token"]]["channel"]
-      sample = self._by_token["sample"].get(sd["sample_token"])
-      name = scene_name.get(sample["scene_token"]) if sample else None
-      if name is None:
-        continue
-      out.setdefault(name, {}).setdefault(channel, []).append((self._time(sd), format_caption(value)))
-    for per_scene in out.values():
-      for rows in per_scene.values():
-        rows.sort(key=lambda r: r[0])
+      if not isinstance(value, (str, dict)):
+        raise ReaderError(f"caption entry {key!r} must be a str or a dict of fields, got {type(value).__name__}",
+                          path)
+      if not by_file and "|" not in key and key not in self._by_token["sample_data"]:
+        # Built only when a filename key appears: v1.0-trainval has millions of sample_data rows.
+        by_file = {sd["filename"]: sd for sd in self.tables["sample_data"]}
+      where = self._caption_key(key, by_file)
+      if where is None or where[0] not in table_scenes:
+        unmatched.append(key)
+      elif where[0] in selected:
+        rows.setdefault((selected[where[0]], where[1]), []).append((where[2], value))
+    if not rows:
+      example = f"e.g. {next(iter(raw))!r}" if raw else "the file is empty"
+      raise ReaderError(f"no key of the caption file matches an image of the {len(self._scenes)} scene(s) of this "
+                        f"{self.version} reader ({example}); keys must be a camera sample_data token, an image "
+                        "filename relative to dataroot (samples/CAM_FRONT/...jpg) or OpenDWM's "
+                        "'<scene_token>|<channel>|<timestamp_us>'", path)
+    uncaptioned = [f"{n}/{ch}" for n in self._scenes for ch in CAMERAS if (n, ch) not in rows]
+    if unmatched or uncaptioned:
+      _log.warning("nuScenes caption file %s: %d of %d key(s) match no camera image of %s (e.g. %s); %d of %d scene "
+                   "camera(s) have no caption and use the metadata caption (e.g. %s)", path, len(unmatched), len(raw),
+                   self.version, ", ".join(repr(k) for k in unmatched[:3]) or "-", len(uncaptioned),
+                   len(self._scenes) * len(CAMERAS), ", ".join(uncaptioned[:3]) or "-")
+    out: dict[str, dict[str, tuple[np.ndarray, list]]] = {}
+    for (name, channel), entries in rows.items():
+      entries.sort(key=lambda e: e[0])  # stable: equal times keep file order
+      out.setdefault(name, {})[channel] = (np.asarray([e[0] for e in entries], np.int64), [e[1] for e in entries])
     return out
 
-  def _caption(self, scene_name: str, channel: str, ts: int, fallback: str) -> str:
+  def _caption_key(self, key: str, by_file: dict[str, dict]) -> tuple[str, str, int] | None:
+    """(scene token, camera channel, capture time us) named by a caption-file key, None if it names no camera
+    image (module docstring, "Captions")."""
+    sd = self._by_token["sample_data"].get(key) or by_file.get(key)
+    if sd is not None:
+      sample = self._by_token["sample"].get(sd["sample_token"])
+      calib = self._by_token["calibrated_sensor"].get(sd["calibrated_sensor_token"])
+      channel = self._by_token["sensor"][calib["sensor_token"]]["channel"] if calib else None
+      if sample is None or channel not in CAMERAS:
+        return None
+      return sample["scene_token"], channel, self._time(sd)
+    parts = key.split("|")
+    if len(parts) != 3 or parts[1] not in CAMERAS:
+      return None
+    try:
+      ts = int(parts[2])
+    except ValueError:
+      try:
+        ts = float(parts[2])  # a time list made from ASAP's tables would print its float timestamps
+      except ValueError:
+        return None
+      if not np.isfinite(ts):
+        return None
+      ts = int(round(ts))
+    return parts[0], parts[1], ts
+
+  def _caption_entry(self, scene_name: str, channel: str, ts: int) -> Any:
+    """The raw caption-file entry for an image at capture time ``ts`` (nearest captioned time of its scene and
+    camera), None without one."""
+    found = (self._captions or {}).get(scene_name, {}).get(channel)
+    if found is None:
+      return None
+    times, entries = found
+    return entries[int(nearest_indices(times, np.asarray([ts], np.int64))[0])]
+
+  def frame_captions(self, scene_name: str, frame: dict[str, dict]) -> list[str]:
+    """The 6 captions of one frame ({channel: sample_data}), in CAMERAS order (module docstring, "Captions")."""
+    fallback = self.metadata_caption(scene_name)
     if self._captions is None:
-      return fallback
-    rows = self._captions.get(scene_name, {}).get(channel)
-    if not rows:
-      return ""
-    j = int(nearest_indices(np.asarray([r[0] for r in rows], np.int64), np.asarray([ts]))[0])
-    return rows[j][1]
+      return [fallback] * len(CAMERAS)
+    entries = [self._caption_entry(scene_name, ch, self._time(frame[ch])) for ch in CAMERAS]
+    # Uncaptioned views (None) pass through the alignment untouched and become the metadata caption.
+    return [format_caption(e) or fallback for e in align_caption_fields(entries)]
 
   def metadata_caption(self, scene_name: str) -> str:
     scene = self._scenes[scene_name]["scene"]
@@ -496,7 +562,6 @@ class NuScenesReader(ClipReader):
     captions = np.empty((num_t, num_v), dtype=object)
     original_size = np.zeros((num_v, 2), np.int32)
     box_frames, lidar_frames = [], []
-    fallback = self.metadata_caption(scene_name)
     t0 = self._time(frames[0][CAMERAS[0]])
     track_tokens: dict[str, int] = {}
     frame_boxes = []
@@ -518,8 +583,9 @@ class NuScenesReader(ClipReader):
         original_size[v] = (src_hw[1], src_hw[0])
         intrinsics[t, v] = geometry.resize_intrinsics(k, src_hw, img.shape[:2]) if src_hw != img.shape[:2] else k
         cam_to_ego[t, v] = world_to_ego @ self._ego_pose(sd) @ self._sensor_to_ego(sd)
-        captions[t, v] = self._caption(scene_name, ch, self._time(sd), fallback)
       images.append(np.stack(row))
+      for v, caption in enumerate(self.frame_captions(scene_name, frame)):
+        captions[t, v] = caption
       b, c, tokens = self._to_ego_boxes(self.boxes_at(scene_name, ref), world_to_ego)
       frame_boxes.append((b, c, tokens))
       if self.load_lidar:

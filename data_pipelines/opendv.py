@@ -6,9 +6,18 @@ Layout (datasets.md §4):
     ``state`` are used for captions when present.
   Videos: ``<video_root>/<youtuber with spaces -> _>/<videoid>.<mp4|webm|mkv>`` or flat ``<video_root>/<videoid>.*``
     (OpenDWM); ``video_root`` defaults to ``<root>/videos``.
-  Captions (optional, ``caption_path``): OpenDWM's dict keyed ``"<videoid>.<time_ms>"`` with time_ms =
-    (frame_idx / 10 + start_discard) * 1000 and values {image_description, ...} (or plain strings); the nearest
-    labelled time of the video is used. Without a caption file the caption comes from the metadata.
+  Captions (optional, ``caption_path``): OpenDWM's JSON dict (``opendv_caption.json``) keyed
+    ``"<video file name>.<time_ms>"``, e.g. ``"zRXiDu2Ihyk.mp4.61500"`` (OpenDWM keys by the file name, extension
+    included); ``"<videoid>.<time_ms>"`` is accepted too. The id part names a video of this reader either as is or
+    after stripping a trailing ``.mp4`` / ``.webm`` / ``.mkv`` (VIDEO_EXTENSIONS). time_ms is the video time in ms,
+    (start_discard + frame_idx / 10) * 1000. Values: a DriveMLM dict, joined by ``readers.format_caption`` as OpenDWM
+    does with its default ``selected_keys`` (the present fields of time, weather, environment, objects,
+    image_description, joined with ". "), or a plain string. Each frame takes the entry at the nearest labelled time
+    of its video (ties: the earlier); OpenDWM's training-time ``reorder_keys`` / ``drop_rates`` are not applied here.
+    There is no time / weather alignment: a sample has one video (OpenDWM aligns none for OpenDV). A video without
+    any key, or a reader without a caption file, uses the metadata caption. A caption file none of whose keys names
+    a video of this reader (its split) raises ReaderError at construction (a wrong key format must not silently turn
+    every caption into the metadata one); when only some keys or videos match, one warning gives the counts.
 
 Frames are the video frames nearest to ``start_discard + i / 10`` s (OpenDWM picks by nearest PTS); a scene is one
 video with ``floor((length - start_discard - end_discard) * 10)`` frames; clip ids are ``"<videoid>@<first frame>"``,
@@ -24,7 +33,8 @@ UniMLVG put six independent OpenDV clips into the six view slots of one item (``
 eye(6); cvd_storm_official.md §1.6), so the DiT's view slots are not spent on padding. With N > 1 a sample holds N
 "base" clips (the single-view clips listed with N = 1) in slots 0..N-1 (view_mask True there), each slot with its
 own frames, its own fake camera K (for its native size, rescaled to ``image_size``; the same fake cam_to_ego) and
-its own per-frame captions; slots N.. are padded as above. Grouping rule: ``perm`` =
+its own per-frame captions (no time / weather alignment across slots: OpenDWM's align_keys is for the cameras of one
+moment, and these are unrelated videos); slots N.. are padded as above. Grouping rule: ``perm`` =
 ``np.random.RandomState(STACK_SEED).permutation(len(base))`` over the sorted base clip list; group g takes base clips
 ``perm[g*N : (g+1)*N]`` in that order (slot j = the j-th of them), g < len(base) // N; the last len(base) % N clips
 of ``perm`` are not listed. Groups are fixed for a fixed base list (same metadata, split, clip_frames, clip_stride);
@@ -33,8 +43,8 @@ e.g. ``"vidA@50+vidB@0+..."``; ``read_clip`` accepts any N such ids (listed or n
 times k / 10 s (every part runs at 10 fps); ego poses stay identity; the dataset tag stays "opendv", so
 ``conditions.view_adjacency`` keeps the identity (no cross-view attention between unrelated clips). A stacked reader
 needs a fixed ``image_size`` (parts may differ in native size). Its frame-level interface (``list_scenes``,
-``read_frame(s)``) raises: ``convert.py`` stores videos frame by frame through it and would silently drop the
-stacking, so convert with N = 1.
+``read_frame(s)``) raises, as per-video frames would silently drop the stacking; ``convert.py`` converts a stacked
+reader clip by clip (``list_clips`` / ``read_clip``).
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ import bisect
 import functools
 import glob
 import json
+import logging
 import math
 import os
 
@@ -57,6 +68,9 @@ FPS = 10.0
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv")
 FAKE_CAMERA_TRANSLATION = (1.7, 0.0, 1.5)
 STACK_SEED = 0  # Seed of the permutation that groups base clips when stack_views > 1 (module docstring).
+CAPTION_KEY_FORMAT = "'<videoid>.<mp4|webm|mkv>.<time_ms>' (OpenDWM) or '<videoid>.<time_ms>'"
+
+_log = logging.getLogger(__name__)
 
 
 def fake_camera(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,26 +131,63 @@ class OpenDVReader(readers.ClipReader):
       joined = sorted(v for v in self._meta if "+" in v)
       if joined:  # "+" separates the parts of a stacked clip id.
         raise ValueError(f"{meta_path}: videoid {joined[0]!r} contains '+', which stack_views > 1 cannot parse")
-    self._captions: dict[str, tuple[list[float], list[str]]] = {}
-    if caption_path:
-      with open(caption_path) as f:
-        raw = json.load(f)
-      per_video: dict[str, list[tuple[float, str]]] = {}
-      for key, value in raw.items():
-        vid, _, ms = key.rpartition(".")
-        text = value.get("image_description", "") if isinstance(value, dict) else str(value)
-        per_video.setdefault(vid, []).append((float(ms) / 1000.0, text))
-      for vid, items in per_video.items():
-        items.sort()
-        self._captions[vid] = ([t for t, _ in items], [c for _, c in items])
+    self._split = split
+    self._captions = self._load_captions(os.fspath(caption_path)) if caption_path else {}
+
+  def _caption_key(self, key: str) -> tuple[str | None, float]:
+    """(videoid of this reader or None, time in s) of a caption-file key (module docstring)."""
+    head, _, ms = key.rpartition(".")
+    try:
+      t = float(ms) / 1000.0
+    except ValueError:
+      return None, 0.0
+    if not head or not math.isfinite(t):
+      return None, 0.0
+    if head in self._meta:  # An id without extension (or one that really ends like one) is taken as is.
+      return head, t
+    stem, dot, ext = head.rpartition(".")
+    if dot and ext.lower() in VIDEO_EXTENSIONS and stem in self._meta:
+      return stem, t
+    return None, t
+
+  def _load_captions(self, path: str) -> dict[str, tuple[list[float], list[str]]]:
+    """Caption file -> {videoid: (sorted times in s, captions)} for the videos of this reader."""
+    raw = readers.read_caption_file(path, CAPTION_KEY_FORMAT)
+    per_video: dict[str, list[tuple[float, str]]] = {}
+    unmatched = []
+    for key, value in raw.items():
+      vid, t = self._caption_key(str(key))
+      if vid is None:
+        unmatched.append(key)
+        continue
+      try:
+        text = readers.format_caption(value)
+      except ValueError as e:
+        raise ReaderError(f"OpenDV caption {key!r}: {e}", path) from e
+      per_video.setdefault(vid, []).append((t, text))
+    if not per_video:
+      example = repr(next(iter(raw))) if raw else "none (the file is empty)"
+      raise ReaderError(f"no key of the OpenDV caption file names a video of this reader ({len(self._meta)} videos, "
+                        f"split {self._split!r}); example key: {example}; expected {CAPTION_KEY_FORMAT} with time_ms "
+                        "the video time in ms", path)
+    uncaptioned = len(self._meta) - len(per_video)
+    if unmatched or uncaptioned:
+      # Expected when the file covers other splits; one line so that a half-wrong file is still noticed.
+      _log.warning("OpenDV caption file %s: %d of %d keys name no video of this reader (e.g. %r; expected %s), "
+                   "%d of %d videos have no caption and use the metadata caption", path, len(unmatched), len(raw),
+                   unmatched[0] if unmatched else None, CAPTION_KEY_FORMAT, uncaptioned, len(self._meta))
+    out = {}
+    for vid, items in per_video.items():
+      items.sort(key=lambda item: item[0])  # Stable: duplicate times keep the file order.
+      out[vid] = ([t for t, _ in items], [c for _, c in items])
+    return out
 
   def _frame_level_only_single_view(self, method: str) -> None:
-    # The frame-level interface is per video (single view); convert.py uses it for OpenDV and would store the
-    # videos unstacked, silently ignoring stack_views. Fail instead.
+    # The frame-level interface is per video (single view); a caller storing frames through it (as convert.py does
+    # for single-view readers) would store the videos unstacked, silently ignoring stack_views. Fail instead.
     if self.stack_views > 1:
       raise ValueError(f"OpenDVReader.{method} is single-view (per video) and stack_views={self.stack_views} only "
-                       "applies to list_clips / read_clip; convert.py stores OpenDV frame by frame, so convert with "
-                       "stack_views=1")
+                       "applies to list_clips / read_clip (convert.py converts a stacked reader clip by clip)")
 
   def list_scenes(self) -> list[str]:
     self._frame_level_only_single_view("list_scenes")
@@ -152,7 +203,8 @@ class OpenDVReader(readers.ClipReader):
     m = self._meta[scene]
     folder = str(m["youtuber"]).replace(" ", "_")
     for ext in VIDEO_EXTENSIONS:
-      for p in (os.path.join(self.video_root, folder, f"{scene}.{ext}"), os.path.join(self.video_root, f"{scene}.{ext}")):
+      name = f"{scene}.{ext}"
+      for p in (os.path.join(self.video_root, folder, name), os.path.join(self.video_root, name)):
         if os.path.exists(p):
           return p
     found = glob.glob(os.path.join(self.video_root, "**", f"{scene}.*"), recursive=True)

@@ -16,14 +16,17 @@ Shared helpers (used by all readers so that padding and resampling behave the sa
   ``pack_boxes``, ``pack_lidar``, ``pack_polylines``   pad per-frame lists to the fixed schema sizes.
   ``crop_polylines_near``  keep the map parts within a radius of the ego path.
   ``quat_to_matrix``, ``pose_matrix``, ``quat_slerp``, ``yaw_of``   (w, x, y, z) quaternion poses (nuScenes, AV2).
-  ``format_caption``     caption-file entries (str or DriveMLM-style dict of fields) as one string.
+  ``format_caption``     caption-file entries (str or DriveMLM-style dict of fields) as one string, as OpenDWM joins.
+  ``align_caption_fields`` one frame's entries with time and weather agreeing across views (OpenDWM align_keys).
 """
 from __future__ import annotations
 
 import abc
+import collections
 import io
+import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -115,19 +118,50 @@ def yaw_of(rotation: np.ndarray) -> float:
   return float(np.arctan2(rotation[1, 0], rotation[0, 0]))
 
 
+# DriveMLM caption fields as OpenDWM joins them (its ``selected_keys``), and those it makes agree across the views of
+# one frame (its ``align_keys``).
+CAPTION_FIELDS = ("time", "weather", "environment", "objects", "image_description")
+ALIGNED_CAPTION_FIELDS = ("time", "weather")
+
+
 def format_caption(value) -> str:
-  """A caption-file entry as one string: a str as is; a dict of fields (DriveMLM/OpenDWM style) joined with ". "
-  in the order time, weather, environment, objects, image_description, then any other keys sorted."""
+  """A caption-file entry as one string: a str as is (stripped); a dict of fields (DriveMLM / OpenDWM) as OpenDWM
+  joins it, ``". ".join`` of the CAPTION_FIELDS it has, in that order (other keys are not part of the prompt)."""
   if value is None:
     return ""
   if isinstance(value, str):
     return value.strip()
   if isinstance(value, dict):
-    order = ["time", "weather", "environment", "objects", "image_description"]
-    keys = [k for k in order if k in value] + sorted(k for k in value if k not in order)
-    parts = [str(value[k]).strip().rstrip(".") for k in keys if str(value[k]).strip()]
-    return ". ".join(parts) + ("." if parts else "")
+    return ". ".join(str(value[k]) for k in CAPTION_FIELDS if k in value)
   raise ValueError(f"caption entry must be a str or a dict of fields, got {type(value).__name__}")
+
+
+def read_caption_file(path: str, key_formats: str) -> dict:
+  """A caption file's JSON object {key: entry}; ReaderError naming the file (and the accepted ``key_formats``) when it
+  cannot be read or holds something else."""
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ReaderError(f"cannot read caption file ({e})", path) from e
+  if not isinstance(raw, dict):
+    raise ReaderError(f"caption file must hold a JSON object keyed {key_formats}", path)
+  return raw
+
+
+def align_caption_fields(values: Sequence[Any], keys: Sequence[str] = ALIGNED_CAPTION_FIELDS) -> list[Any]:
+  """The caption entries of one frame's views with ``keys`` set to their most common value over the views that have
+  them (ties: the first view's), as OpenDWM's ``align_keys`` does, so that time of day and weather cannot disagree
+  between the cameras of one moment. Str / None entries pass unchanged; dicts are copied, never modified."""
+  out = [dict(v) if isinstance(v, dict) else v for v in values]
+  for key in keys:
+    seen = [v[key] for v in out if isinstance(v, dict) and key in v]
+    if seen:
+      common = collections.Counter(seen).most_common(1)[0][0]
+      for v in out:
+        if isinstance(v, dict) and key in v:
+          v[key] = common
+  return out
 
 
 def nearest_indices(source_times: np.ndarray, targets: np.ndarray) -> np.ndarray:

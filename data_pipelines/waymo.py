@@ -42,7 +42,23 @@ Conventions (all documented choices):
     Map points are kept as stored: they already are in the world (map) frame, and each frame's offset goes into its
     ego_to_world instead (moving the map by frame 0's offset alone would misalign frame t by offset_t - offset_0).
     Polylines are packed per clip with ``readers.pack_polylines`` anchored at the clip's ego path.
-  * Captions: from ``context.stats`` (time_of_day, weather, location), the same for every frame and view.
+  * Captions: by default from ``context.stats`` (time_of_day, weather, location), the same for every frame and view.
+    With ``caption_file``: OpenDWM's per-frame, per-camera DriveMLM captions (``waymo_caption_v2``), a JSON dict keyed
+    ``"<scene>|<time>|<camera>"`` as OpenDWM's ``get_image_description`` builds it: scene = the context name (the
+    segment file name without ``segment-`` and ``_with_camera_labels.tfrecord``, as ``scene_name``; a full segment
+    file name is accepted too), time = the frame's ``timestamp_micros`` (int), camera = the Waymo ``CameraName``
+    number (1 FRONT, 2 FRONT_LEFT, 3 FRONT_RIGHT, 4 SIDE_LEFT, 5 SIDE_RIGHT); e.g. ``"<context>|1550083467346370|1"``
+    for the FRONT image of the frame at that timestamp_micros. Values: a DriveMLM dict (time, weather, environment,
+    objects, image_description) or a plain string. Each view takes the entry at the labelled time of its scene and
+    camera nearest to the frame's timestamp_micros (ties: the earlier; OpenDWM looks times up in a per-scene list,
+    the same when all cameras are labelled at the same times). Per frame, ``time`` and ``weather`` of the dict
+    entries are set to their majority over the views (``readers.align_caption_fields``, OpenDWM's ``align_keys``;
+    ties: the first in slot order, where OpenDWM takes the first in its configured camera order), then each entry is
+    joined by ``readers.format_caption`` (OpenDWM's default ``selected_keys``; its training-time ``reorder_keys`` /
+    ``drop_rates`` are not applied here). A view whose scene and camera have no entry keeps the context.stats
+    caption. A caption file none of whose keys names a (segment, camera) of this reader raises ReaderError at
+    construction (a wrong key format must not silently leave every caption at context.stats); when only some keys
+    or (segment, camera) pairs match, one warning gives the counts.
 
 Errors: an unreadable/corrupt record, a missing camera or laser, or a bad JPEG raise ``ReaderError`` whose message
 starts with the reason ("truncated record", "corrupt record", "missing sensor", "corrupt image").
@@ -51,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import zlib
 from typing import Sequence
@@ -85,6 +102,8 @@ TYPE_TO_CLASS = {
 }
 # OpenCV camera axes in Waymo camera axes (x forward, y left, z up) == geometry's OpenCV -> ego rotation at yaw 0.
 CV_TO_WAYMO_CAM = geometry.make_rigid(geometry.camera_rotation(0.0), (0.0, 0.0, 0.0))
+CAPTION_KEY_FORMAT = "'<scene>|<timestamp_micros>|<CameraName 1-5>' (OpenDWM)"
+_log = logging.getLogger(__name__)
 _LOCATIONS = {"location_sf": "San Francisco", "location_phx": "Phoenix", "location_mtv": "Mountain View",
               "location_la": "Los Angeles", "location_det": "Detroit", "location_sea": "Seattle",
               "location_chd": "Chandler"}
@@ -250,10 +269,11 @@ class WaymoReader(readers.ClipReader):
                image_size: tuple[int, int] | None = (256, 448), max_boxes: int = 64, max_points: int = 32768,
                max_polylines: int = 256, points_per_polyline: int = 20,
                lasers: Sequence[str] = ("TOP", "FRONT", "SIDE_LEFT", "SIDE_RIGHT", "REAR"),
-               include_lane_centers: bool = False):
+               include_lane_centers: bool = False, caption_file: str | None = None):
     """Args:
       root: directory searched recursively for ``*.tfrecord`` segments.
       image_size: (H, W) of every view; None = the FRONT calibration size (sides stretched to it).
+      caption_file: OpenDWM's per-frame, per-camera caption JSON (module docstring); None = context.stats captions.
     """
     self.root = os.fspath(root)
     self.clip_frames = int(clip_frames)
@@ -273,6 +293,64 @@ class WaymoReader(readers.ClipReader):
       if name in self._paths:
         raise ValueError(f"two Waymo segments named {name!r}: {self._paths[name]} and {f}")
       self._paths[name] = f
+    # (scene, CameraName) -> (sorted timestamp_micros [N] int64, raw entries [N]); entries are formatted per frame,
+    # after the cross-view alignment.
+    self._captions: dict[tuple[str, int], tuple[np.ndarray, list]] = {}
+    if caption_file:
+      self._captions = self._load_captions(os.fspath(caption_file))
+
+  # ---- captions -----------------------------------------------------------------------------------------------
+  def _load_captions(self, path: str) -> dict[tuple[str, int], tuple[np.ndarray, list]]:
+    raw = readers.read_caption_file(path, CAPTION_KEY_FORMAT)
+    cameras = {c for c in VIEW_CAMERAS if c is not None}
+    rows: dict[tuple[str, int], list[tuple[int, object]]] = {}
+    unmatched = []
+    for key, value in raw.items():
+      parts = str(key).rsplit("|", 2)
+      try:
+        scene, time_us, cam = scene_name(parts[0]), int(parts[1]), int(parts[2])
+      except (IndexError, ValueError):
+        scene, time_us, cam = "", 0, 0
+      if scene not in self._paths or cam not in cameras:
+        unmatched.append(key)
+        continue
+      if value is not None and not isinstance(value, (str, dict)):  # What readers.format_caption accepts.
+        raise ReaderError(f"Waymo caption {key!r} must be a str or a dict of fields, got {type(value).__name__}",
+                          path)
+      rows.setdefault((scene, cam), []).append((time_us, value))
+    if not rows:
+      example = repr(next(iter(raw))) if raw else "none (the file is empty)"
+      raise ReaderError(f"no key of the Waymo caption file names a segment and camera of this reader "
+                        f"({len(self._paths)} segments under {self.root}); example key: {example}; expected "
+                        f"{CAPTION_KEY_FORMAT}", path)
+    uncaptioned = len(self._paths) * len(cameras) - len(rows)
+    if unmatched or uncaptioned:
+      # Expected when the file covers more segments than root holds; one line so that a half-wrong file is noticed.
+      _log.warning("Waymo caption file %s: %d of %d keys name no segment and camera of this reader (e.g. %r; expected "
+                   "%s), %d of %d (segment, camera) pairs have no caption and keep the context.stats one", path,
+                   len(unmatched), len(raw), unmatched[0] if unmatched else None, CAPTION_KEY_FORMAT, uncaptioned,
+                   len(self._paths) * len(cameras))
+    out = {}
+    for k, items in rows.items():
+      items.sort(key=lambda item: item[0])  # Stable: duplicate times keep the file order.
+      out[k] = (np.array([t for t, _ in items], np.int64), [v for _, v in items])
+    return out
+
+  def frame_captions(self, scene: str, timestamp_us: int, fallback: str) -> np.ndarray:
+    """Captions [V] (object) of one frame: caption-file entries at the nearest labelled time of each view's camera,
+    time / weather aligned across the views, joined; ``fallback`` for views without entries; "" for the empty slot."""
+    missing = object()  # Not None: a null value in the file is an (empty) entry, as readers.format_caption reads it.
+    entries = []
+    for cam in VIEW_CAMERAS:
+      rows = self._captions.get((scene, cam)) if cam is not None else None
+      if rows is None:
+        entries.append(missing)
+        continue
+      times, values = rows
+      entries.append(values[int(readers.nearest_indices(times, np.array([timestamp_us], np.int64))[0])])
+    aligned = readers.align_caption_fields(entries)
+    return np.array(["" if cam is None else fallback if e is missing else readers.format_caption(e)
+                     for cam, e in zip(VIEW_CAMERAS, aligned)], dtype=object)
 
   # ---- scenes -------------------------------------------------------------------------------------------------
   def list_scenes(self) -> list[str]:
@@ -379,7 +457,7 @@ class WaymoReader(readers.ClipReader):
 
     points = self._points(frame, context, pose, path, i)
     pts_p, pmask = readers.pack_lidar([points], self.max_points, seed=i)
-    caption = caption_from_stats(first_context.stats)
+    captions = self.frame_captions(scene, frame.timestamp_micros, caption_from_stats(first_context.stats))
     return {
         "images": out_images, "view_mask": VIEW_MASK.copy(), "intrinsics": intr.astype(np.float32),
         "cam_to_ego": c2e.astype(np.float32), "ego_to_world": ego_to_map(frame).astype(np.float32),
@@ -387,7 +465,7 @@ class WaymoReader(readers.ClipReader):
         "timestamp": (frame.timestamp_micros - first_us) * 1e-6, "original_size": original,
         "boxes": boxes_p[0, :n_boxes], "box_class": cls_p[0, :n_boxes], "box_track_id": tids_p[0, :n_boxes],
         "lidar_points": pts_p[0, :int(pmask[0].sum())],
-        "captions": np.array([caption if m else "" for m in VIEW_MASK], dtype=object),
+        "captions": captions,
     }
 
   def _points(self, frame, context, pose: np.ndarray, path: str, i: int) -> np.ndarray:

@@ -57,6 +57,11 @@ def ego_pose_at(ts_ns: int):
   return np.array([x, y, 30.0]), yaw
 
 
+def opendwm_caption_key(log_id: str, cam: str, ts_ns: int, split: str = "train") -> str:
+  """A caption key as OpenDWM's DriveMLM file for AV2 spells it: "sensor/<split>/<log_id>|cameras/<cam>|<ts_ns>"."""
+  return f"sensor/{split}/{log_id}|cameras/{cam}|{ts_ns}"
+
+
 def ego_matrix(ts_ns: int) -> np.ndarray:
   pos, yaw = ego_pose_at(ts_ns)
   return geometry.make_rigid(geometry.yaw_matrix(yaw), pos)

@@ -28,6 +28,7 @@ T0 = 1533151603512404
 KEYFRAME_US = 500000
 LOG_NAME = "n008-2018-08-01-15-16-36-0400"
 LOCATION = "singapore-onenorth"
+SCENE_TOKEN = "scene_0"  # the one scene's token (OpenDWM caption keys start with it)
 # Instances: (token, category, {keyframe index: (x, y, yaw) world}, size w, l, h)
 INSTANCES = (
     ("inst_car", "vehicle.car", {0: (612.0, 1604.0, 0.40), 1: (616.0, 1606.0, 0.50), 2: (620.0, 1608.5, 0.62)},
@@ -166,7 +167,7 @@ def write_nuscenes_tree(root: str, version: str = "v1.0-mini",
   calibs.append({"token": "calib_LIDAR_TOP", "sensor_token": "sensor_LIDAR_TOP",
                  "translation": [float(x) for x in L[:3, 3]], "rotation": mat_quat(L[:3, :3]),
                  "camera_intrinsic": []})
-  scene_token, log_token = "scene_0", "log_0"
+  scene_token, log_token = SCENE_TOKEN, "log_0"
   sample_tokens = [f"sample_{k}" for k in range(3)]
   samples = []
   for k, tok in enumerate(sample_tokens):

@@ -133,17 +133,78 @@ def test_map(sample):
   assert len(lane_rows) == 3
 
 
-def test_captions_file(log, tmp_path):
+def test_captions_file(log, tmp_path, caplog):
   ts = log.camera_times["ring_side_right"]
   path = tmp_path / "caps.json"
   path.write_text(json.dumps({f"{fx.LOG_ID}/ring_side_right/{ts[0]}": "start",
                               f"{fx.LOG_ID}/ring_side_right/{ts[10]}": {"time": "day", "weather": "sunny"}}))
-  r = Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
+  with caplog.at_level("WARNING"):
+    r = Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
+  assert [rec.getMessage() for rec in caplog.records if "5 of 6" in rec.getMessage()]  # the other 5 cameras
   s = r.read_clip(r.list_clips()[0])
   v = CAMERAS.index("ring_side_right")
-  # Frames at 0..0.7 s; captions at 0 and 0.5 s: nearest wins.
-  assert s["captions"][:, v].tolist() == ["start"] * 3 + ["day. sunny."] * 5
-  assert s["captions"][0, 0] == ""
+  # Frames at 0..0.7 s; captions at 0 and 0.5 s: nearest wins. Dict fields are joined as OpenDWM does (no final ".").
+  assert s["captions"][:, v].tolist() == ["start"] * 3 + ["day. sunny"] * 5
+  # A real view whose camera has no entry is a missing caption: the metadata caption, never "".
+  assert s["captions"][0, 0] == "Driving in Pittsburgh."
+  # An empty slot (camera None) is padding and keeps "".
+  cams = ("ring_side_right", None) + CAMERAS[2:]
+  s = Argoverse2Reader(log.root, num_frames=8, cameras=cams, caption_file=str(path), **SIZES).read_clip(
+      r.list_clips()[0])
+  assert s["captions"][:, 1].tolist() == [""] * 8 and s["captions"][0, 0] == "start"
+
+
+def _opendwm_entry(cam, i, time="daytime", weather="sunny"):
+  return {"time": time, "weather": weather, "environment": "city street", "objects": f"cars by {cam}",
+          "image_description": f"image {i}", "lane_count": "2"}  # lane_count is not a prompt field
+
+
+def test_opendwm_captions(log, tmp_path, caplog):
+  # OpenDWM's DriveMLM keys for every image of 4 of the 6 cameras (rear_left and side_left have none); view 0 says
+  # night/rainy and view 1 cloudy, the rest daytime/sunny, so each frame's majority is daytime/sunny.
+  odd = {"ring_front_left": ("night", "rainy"), "ring_front_right": ("daytime", "cloudy")}
+  covered = ("ring_front_left", "ring_front_right", "ring_side_right", "ring_rear_right", "ring_front_center")
+  caps = {fx.opendwm_caption_key(fx.LOG_ID, cam, ts): _opendwm_entry(cam, i, *odd.get(cam, ()))
+          for cam in covered for i, ts in enumerate(log.camera_times[cam])}
+  caps[fx.opendwm_caption_key("another-log", "ring_rear_left", 1)] = "another log: ignored"
+  path = tmp_path / "av2_sensor_caption_v2_train.json"
+  path.write_text(json.dumps(caps))
+  with caplog.at_level("WARNING"):
+    r = Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
+  warned = [rec.getMessage() for rec in caplog.records if str(path) in rec.getMessage()]
+  assert len(warned) == 1 and "2 of 6" in warned[0]
+  s = r.read_clip(r.list_clips()[0])
+  for t in range(8):
+    for v, cam in enumerate(CAMERAS):
+      if cam in covered:  # frame t takes image 2t, the nearest in time
+        want = f"daytime. sunny. city street. cars by {cam}. image {2 * t}"
+      else:
+        want = "Driving in Pittsburgh."
+      assert s["captions"][t, v] == want, (t, cam)
+  # The portrait front camera's own entries are read when it is a slot, and the views still align.
+  cams = ("ring_front_center",) + CAMERAS[1:]
+  s = Argoverse2Reader(log.root, num_frames=8, cameras=cams, image_size=fx.HW, caption_file=str(path),
+                       **SIZES).read_clip(r.list_clips()[0])
+  assert s["captions"][2, 0] == "daytime. sunny. city street. cars by ring_front_center. image 4"
+
+
+def test_caption_file_errors(log, tmp_path):
+  path = tmp_path / "caps.json"
+  # Well-formed keys, but of other logs only: a wrong file, not a partial one.
+  key = fx.opendwm_caption_key("00a6ffc1-6ce9-3bc3-a060-6006e9893a1a", "ring_front_left", 315966070559696000)
+  path.write_text(json.dumps({key: _opendwm_entry("ring_front_left", 0)}))
+  with pytest.raises(ReaderError, match="no caption key names a log") as e:
+    Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
+  assert e.value.path == str(path) and key in str(e.value) and "sensor/<split>/<log_id>|cameras/" in str(e.value)
+  for bad in ({f"{fx.LOG_ID}|ring_front_left|1": "x"}, {}):
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ReaderError, match="<log_id>/<camera>/<timestamp_ns>"):
+      Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
+  ts = log.camera_times["ring_front_left"][0]
+  path.write_text(json.dumps({f"{fx.LOG_ID}/ring_front_left/{ts}": "a",
+                              fx.opendwm_caption_key(fx.LOG_ID, "ring_front_left", ts): "b"}))
+  with pytest.raises(ReaderError, match="two entries"):
+    Argoverse2Reader(log.root, num_frames=8, caption_file=str(path), **SIZES)
 
 
 def test_custom_camera_slots_and_resize(log):

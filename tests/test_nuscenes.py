@@ -1,5 +1,6 @@
 """nuScenes reader on a tiny synthetic tree in the real format, cross-checked with nuscenes-devkit and geometry."""
 import json
+import logging
 import os
 import shutil
 
@@ -209,22 +210,111 @@ def test_keyframes_only(tree):
   assert s["box_mask"].sum(1).tolist() == [2, 3, 2]  # car+ped, car+ped+truck, car+truck
 
 
-def test_captions(tree, tmp_path):
+METADATA_CAPTION = "night. rainy. Night, rain, turn at intersection. singapore-onenorth."
+
+
+def test_captions(tree, tmp_path, caplog):
   r = NuScenesReader(tree.root, tree.version, num_frames=8, **SIZES)
   s = r.read_clip(r.list_clips()[0])
-  assert set(s["captions"].ravel()) == {"night. rainy. Night, rain, turn at intersection. singapore-onenorth."}
+  assert set(s["captions"].ravel()) == {METADATA_CAPTION}
   # Caption file keyed by token and by filename, captions at keyframes only: other frames take the nearest one.
   key1 = os.path.relpath(tree.image_paths[("CAM_BACK", 6)], tree.root)
   path = tmp_path / "captions.json"
   path.write_text(json.dumps({"sd_CAM_FRONT_0": "front start", "sd_CAM_FRONT_6": {"time": "night", "weather": "rainy",
                                                                                    "objects": "a car"},
                               key1: "back middle", "unknown_token": "ignored"}))
-  r = NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+  with caplog.at_level(logging.WARNING):
+    r = NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
   s = r.read_clip(r.list_clips()[0])
-  # Frame times 0, .083, .167, .333, .417, .5, .583, .667: nearest of {0, .5}.
-  assert s["captions"][:, 0].tolist() == ["front start"] * 3 + ["night. rainy. a car."] * 5
+  # Frame times 0, .083, .167, .333, .417, .5, .583, .667: nearest of {0, .5}. Dicts are joined as OpenDWM does.
+  assert s["captions"][:, 0].tolist() == ["front start"] * 3 + ["night. rainy. a car"] * 5
   assert s["captions"][:, 3].tolist() == ["back middle"] * 8
-  assert s["captions"][0, 1] == ""
+  # Cameras without any caption take the metadata caption, never "".
+  assert s["captions"][:, 1].tolist() == [METADATA_CAPTION] * 8
+  (warning,) = [m for m in caplog.records if "caption file" in m.getMessage()]
+  assert "1 of 4 key(s)" in warning.getMessage() and "'unknown_token'" in warning.getMessage()
+  assert "4 of 6 scene camera(s) have no caption" in warning.getMessage()
+
+
+def _opendwm_key(channel: str, j: int) -> str:
+  """OpenDWM's key of image j of a camera: "<scene_token>|<channel>|<sample_data timestamp us>"."""
+  return f"{fx.SCENE_TOKEN}|{channel}|{fx.camera_time(CAMERAS.index(channel), j)}"
+
+
+def _field_entry(time, weather, v, j):
+  return {"time": time, "weather": weather, "environment": f"env {v}.{j}", "objects": f"obj {v}",
+          "image_description": f"view {v} image {j}", "extra": "not in the prompt"}
+
+
+def test_opendwm_captions_nearest_and_aligned(tree, tmp_path, caplog):
+  """OpenDWM's published DriveMLM format: keys by scene token|channel|timestamp, dict values; each image takes the
+  nearest captioned time of its scene and camera, and time and weather agree across the 6 views of a frame."""
+  # Keyframe j = 0: the first view is outvoted (daytime / sunny vs 4 x night / rainy).
+  times0 = ["daytime", "night", "night", "night", "night", "daytime"]
+  weather0 = ["sunny", "rainy", "rainy", "rainy", "rainy", "sunny"]
+  # Keyframe j = 6: CAM_BACK is a plain str (passes unchanged, takes no part in the vote); 4 x cloudy vs 1 x rainy.
+  weather6 = ["cloudy", "cloudy", "cloudy", None, "rainy", "cloudy"]
+  entries = {}
+  for v, ch in enumerate(CAMERAS):
+    entries[_opendwm_key(ch, 0)] = _field_entry(times0[v], weather0[v], v, 0)
+    entries[_opendwm_key(ch, 6)] = "back str" if ch == "CAM_BACK" else _field_entry("dusk", weather6[v], v, 6)
+    entries[_opendwm_key(ch, 12)] = _field_entry("noon", "snowy", v, 12)
+  path = tmp_path / "opendwm.json"
+  path.write_text(json.dumps(entries))
+  with caplog.at_level(logging.WARNING):
+    r = NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+  assert not [m for m in caplog.records if "caption file" in m.getMessage()]  # every key and camera matched
+  s = r.read_clip(r.list_clips()[0])
+  # Frames are images j = 0, 1, 2, 4, 5, 6, 7, 8: the first 3 nearest keyframe 0, the rest keyframe 6.
+  for v, ch in enumerate(CAMERAS):
+    want0 = f"night. rainy. env {v}.0. obj {v}. view {v} image 0"
+    want6 = "back str" if ch == "CAM_BACK" else f"dusk. cloudy. env {v}.6. obj {v}. view {v} image 6"
+    assert s["captions"][:, v].tolist() == [want0] * 3 + [want6] * 5, ch
+  # The alignment works on copies: the file's entries stay as written (a second read gives the same captions).
+  np.testing.assert_array_equal(r.read_clip(r.list_clips()[0])["captions"], s["captions"])
+  # Later clips reach past 0.75 s: the 1 s keyframe's captions (all agree: nothing to align).
+  last = r.read_clip(r.list_clips()[-1])
+  assert last["captions"][-1, 2] == "noon. snowy. env 2.12. obj 2. view 2 image 12"
+
+
+def test_caption_file_matching_nothing_raises(tree, tmp_path):
+  path = tmp_path / "other.json"
+  # Another scene's OpenDWM keys, a bad timestamp, an unknown token and a non-camera image: nothing to caption.
+  path.write_text(json.dumps({"cc8c0bf57f984915a77078b10eb33198|CAM_FRONT|1531883530412470": {"time": "day"},
+                              f"{fx.SCENE_TOKEN}|CAM_FRONT|not-a-time": "x", "unknown_token": "y",
+                              "sd_LIDAR_TOP_0": "z"}))
+  with pytest.raises(ReaderError) as e:
+    NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+  msg = str(e.value)
+  assert e.value.path == str(path)
+  assert "cc8c0bf57f984915a77078b10eb33198|CAM_FRONT|1531883530412470" in msg
+  assert "<scene_token>|<channel>|<timestamp_us>" in msg and "sample_data token" in msg and "filename" in msg
+  path.write_text("{}")
+  with pytest.raises(ReaderError, match="empty"):
+    NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+  path.write_text(json.dumps({_opendwm_key("CAM_FRONT", 0): ["not", "a", "caption"]}))
+  with pytest.raises(ReaderError, match="must be a str or a dict"):
+    NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+
+
+def test_caption_file_partly_matching_warns_and_falls_back(tree, tmp_path, caplog):
+  path = tmp_path / "partial.json"
+  entries = {_opendwm_key("CAM_FRONT", j): {"time": "day", "weather": "clear", "objects": f"front {j}"}
+             for j in (0, 6, 12)}
+  entries.update({"other_scene|CAM_FRONT|1": "a", f"{fx.SCENE_TOKEN}|CAM_FRONT|": "b",
+                  f"{fx.SCENE_TOKEN}|LIDAR_TOP|{fx.T0}": "c", "sd_LIDAR_TOP_0": "d"})
+  # An empty entry counts as no caption: the metadata one, never "".
+  entries[_opendwm_key("CAM_BACK", 0)] = {"extra": "no prompt field"}
+  path.write_text(json.dumps(entries))
+  with caplog.at_level(logging.WARNING):
+    r = NuScenesReader(tree.root, tree.version, num_frames=8, caption_file=str(path), **SIZES)
+  (warning,) = [m for m in caplog.records if "caption file" in m.getMessage()]
+  assert warning.levelno == logging.WARNING
+  assert "4 of 8 key(s) match no camera image" in warning.getMessage()
+  assert "4 of 6 scene camera(s) have no caption" in warning.getMessage()
+  s = r.read_clip(r.list_clips()[0])
+  assert s["captions"][:, 0].tolist() == ["day. clear. front 0"] * 3 + ["day. clear. front 6"] * 5
+  assert (s["captions"][:, 1:] == METADATA_CAPTION).all()
 
 
 def test_resize_rescales_intrinsics(tree):

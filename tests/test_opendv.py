@@ -1,5 +1,7 @@
 """OpenDV-YouTube reader on a synthetic MP4 (written with PyAV) and metadata JSON in the real layout."""
 import json
+import logging
+import re
 
 import av
 import numpy as np
@@ -106,14 +108,41 @@ def test_fake_camera_and_stubs(root):
   assert s["captions"][0, 1] == ""
 
 
-def test_captions_from_file(root, tmp_path):
-  caps = {"vidA.500": {"image_description": "first"}, "vidA.1500": {"image_description": "later"}}
+def _drivemlm(time, description):
+  return {"time": time, "weather": "Sunny", "environment": "An urban street", "objects": "Cars ahead",
+          "image_description": description, "extra": "not part of the prompt"}
+
+
+def test_captions_from_file(root, tmp_path, caplog):
+  # OpenDWM's keys: "<video file name>.<time_ms>", extension included; DriveMLM dict values.
+  caps = {"vidA.mp4.500": _drivemlm("Daytime", "first"), "vidA.mp4.1500": _drivemlm("Dusk", "later"),
+          "vidVal.mp4.500": _drivemlm("Night", "other split")}
   path = tmp_path / "caps.json"
   path.write_text(json.dumps(caps))
-  r = opendv.OpenDVReader(root, clip_frames=12, image_size=(24, 32), caption_path=str(path))
+  with caplog.at_level(logging.WARNING, logger="cvd_storm_jax.data_pipelines.opendv"):
+    r = opendv.OpenDVReader(root, clip_frames=12, image_size=(24, 32), caption_path=str(path))
+  # The Val video's key names no video of this (Train) reader: one warning with the count.
+  warnings = [rec.getMessage() for rec in caplog.records if "caption file" in rec.getMessage()]
+  assert len(warnings) == 1 and "1 of 3 keys" in warnings[0] and "'vidVal.mp4.500'" in warnings[0]
   s = r.read_clip("vidA@0")
-  # Frame k is at video time 0.5 + k / 10: nearest labelled time 0.5 s up to k = 5, then 1.5 s.
-  assert [s["captions"][k, 0] for k in (0, 5, 6, 11)] == ["first", "first", "later", "later"]
+  # Frame k is at video time 0.5 + k / 10: nearest labelled time 0.5 s up to k = 5, then 1.5 s. All five DriveMLM
+  # fields joined with ". " (OpenDWM's default selected_keys); not the metadata caption.
+  first = "Daytime. Sunny. An urban street. Cars ahead. first"
+  later = "Dusk. Sunny. An urban street. Cars ahead. later"
+  assert [s["captions"][k, 0] for k in (0, 5, 6, 11)] == [first, first, later, later]
+
+
+def test_caption_file_matching_no_video_raises(root, tmp_path):
+  path = tmp_path / "caps.json"
+  # A video this reader does not have, and only the Val video (the reader is Train): no key matches.
+  for caps in ({"zRXiDu2Ihyk.mp4.61500": _drivemlm("Daytime", "x")}, {"vidVal.mp4.500": "x", "vidVal.500": "y"}):
+    path.write_text(json.dumps(caps))
+    with pytest.raises(readers.ReaderError, match=r"no key of the OpenDV caption file names a video.*"
+                       + re.escape(repr(next(iter(caps)))) + r".*<videoid>\.<mp4\|webm\|mkv>\.<time_ms>"):
+      opendv.OpenDVReader(root, caption_path=str(path))
+  path.write_text(json.dumps({"vidA.mp4.500": 3}))
+  with pytest.raises(readers.ReaderError, match="must be a str or a dict"):
+    opendv.OpenDVReader(root, caption_path=str(path))
 
 
 def test_missing_video_is_a_reader_error(tmp_path):

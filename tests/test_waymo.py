@@ -1,11 +1,15 @@
 """Waymo v1 reader on a synthetic segment written in the real format (tests/waymo_fixture.py)."""
+import json
+import logging
+
 import numpy as np
 import pytest
 
 import waymo_fixture as wf
-from cvd_storm_jax.data_pipelines import geometry, readers, schema, waymo
+from cvd_storm_jax.data_pipelines import arrayrecord_source, convert, geometry, readers, schema, waymo
 
 HW = (16, 24)
+STATS_CAPTION = "Day driving scene in San Francisco, sunny weather."
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,9 @@ def test_view_slots_and_images(sample):
       assert sample["captions"][0, slot] == ""
     else:
       np.testing.assert_allclose(pix, wf.CAMERA_COLORS[cam], atol=3)
-      assert sample["captions"][0, slot] == "Day driving scene in San Francisco, sunny weather."
+  # Without a caption file: the context.stats caption for every frame and camera, "" in the empty slot.
+  want = np.array([STATS_CAPTION if cam is not None else "" for cam in waymo.VIEW_CAMERAS], dtype=object)
+  np.testing.assert_array_equal(sample["captions"], np.broadcast_to(want, (3, 6)))
   np.testing.assert_array_equal(sample["original_size"][0], [48, 32])
   np.testing.assert_array_equal(sample["original_size"][2], [48, 24])
 
@@ -177,3 +183,82 @@ def test_bad_inputs_raise_reader_error(tmp_path):
     r.read_frame("bad", 2)
   with pytest.raises(readers.ReaderError, match="^truncated record"):
     r.read_frame("bad", 3)
+
+
+# ---- caption files (OpenDWM's waymo_caption_v2 format) ---------------------------------------------------------------
+def _time_us(i: int) -> int:
+  return wf.make_frame("ctxA", i, with_map=False).timestamp_micros
+
+
+def _caption_entry(cam: int, i: int) -> dict:
+  """A DriveMLM dict whose time and weather disagree between cameras (the majority is "day" / "sunny")."""
+  return {"time": "night" if cam == 1 else "day", "weather": "rainy" if cam == 4 else "sunny",
+          "environment": f"env{cam}", "objects": f"obj{cam}", "image_description": f"cam{cam} f{i}",
+          "extra": "not part of the prompt"}
+
+
+def _write_captions(path) -> str:
+  """Captions labelled at frames 0 and 2 of ctxA for cameras 1-4 (SIDE_RIGHT = 5 has none), keyed as OpenDWM does
+  ("<context name>|<timestamp_micros>|<CameraName>"); camera 2 keyed by the full segment file name; plus keys of a
+  segment this reader does not have."""
+  caps = {}
+  for i in (0, 2):
+    for cam in (1, 2, 3, 4):
+      scene = "segment-ctxA_with_camera_labels.tfrecord" if cam == 2 else "ctxA"
+      caps[f"{scene}|{_time_us(i)}|{cam}"] = _caption_entry(cam, i)
+  caps[f"otherSegment|{_time_us(0)}|1"] = "elsewhere"
+  path.write_text(json.dumps(caps))
+  return str(path)
+
+
+def _joined(cam: int, i: int) -> str:
+  # After alignment every view has the majority time "day" and weather "sunny"; the five fields joined with ". ".
+  return f"day. sunny. env{cam}. obj{cam}. cam{cam} f{i}"
+
+
+def _want_captions(num_frames: int) -> np.ndarray:
+  want = np.empty((num_frames, 6), dtype=object)
+  for i in range(num_frames):
+    label = 0 if i <= 1 else 2  # Nearest labelled frame; frame 1 is equidistant and takes the earlier one.
+    for slot, cam in enumerate(waymo.VIEW_CAMERAS):
+      want[i, slot] = "" if cam is None else STATS_CAPTION if cam == 5 else _joined(cam, label)
+  return want
+
+
+def test_caption_file_per_frame_and_camera(segment_dir, tmp_path, caplog):
+  path = _write_captions(tmp_path / "caps.json")
+  with caplog.at_level(logging.WARNING, logger="cvd_storm_jax.data_pipelines.waymo"):
+    r = waymo.WaymoReader(segment_dir, clip_frames=5, image_size=HW, max_points=64, max_boxes=4, caption_file=path)
+  # Partial coverage: one warning with the counts (1 of 9 keys for another segment; SIDE_RIGHT uncaptioned).
+  warnings = [rec.getMessage() for rec in caplog.records if "caption file" in rec.getMessage()]
+  assert len(warnings) == 1 and "1 of 9 keys" in warnings[0] and "1 of 5 (segment, camera)" in warnings[0]
+  s = r.read_clip("ctxA@0")
+  np.testing.assert_array_equal(s["captions"], _want_captions(5))
+  schema.validate(s)
+
+
+def test_caption_file_no_match_raises(segment_dir, tmp_path):
+  path = tmp_path / "caps.json"
+  # OpenDV-style keys, an unknown segment and a camera number that is no Waymo camera match nothing.
+  path.write_text(json.dumps({f"ctxA.{_time_us(0)}": "a", f"nope|{_time_us(0)}|1": "b", f"ctxA|{_time_us(0)}|7": "c"}))
+  with pytest.raises(readers.ReaderError, match=r"no key of the Waymo caption file.*ctxA\.1600000000000000.*"
+                     r"<scene>\|<timestamp_micros>\|<CameraName"):
+    waymo.WaymoReader(segment_dir, caption_file=str(path))
+  path.write_text("{}")
+  with pytest.raises(readers.ReaderError, match="no key of the Waymo caption file.*empty"):
+    waymo.WaymoReader(segment_dir, caption_file=str(path))
+  path.write_text(json.dumps({f"ctxA|{_time_us(0)}|1": 3}))
+  with pytest.raises(readers.ReaderError, match="must be a str or a dict"):
+    waymo.WaymoReader(segment_dir, caption_file=str(path))
+
+
+def test_caption_file_through_the_converter(segment_dir, tmp_path):
+  # ``convert --reader-arg caption_file=...`` reaches WaymoReader (convert's _make_waymo forwards reader kwargs).
+  path = _write_captions(tmp_path / "caps.json")
+  out = tmp_path / "out"
+  assert convert.main(["--dataset", "waymo", "--root", str(segment_dir), "--out", str(out), "--image-size", "16x24",
+                       "--clip-frames", "5", "--reader-arg", f"caption_file={json.dumps(path)}", "--reader-arg",
+                       "max_points=64", "--no-progress"]) == 0
+  source = arrayrecord_source.ArrayRecordClipSource(out)
+  assert len(source) == 1
+  np.testing.assert_array_equal(source[0]["captions"], _want_captions(5))
