@@ -2,6 +2,8 @@
 
   python -m cvd_storm_jax.precompute_text --weights SD35_ROOT --captions captions.json --out emb_dir \\
       [--t5-length 77] [--batch-size 64] [--dtype float16] [--compute-dtype bfloat16] [--no-t5]
+  python -m cvd_storm_jax.precompute_text --weights SD35_ROOT --captions-from-shards /data/shards/nuscenes ... \\
+      --out emb_dir     # every caption the converted shards hold (what training looks up)
 
 SD35_ROOT is a diffusers SD3/SD3.5 checkpoint root (text_encoder{,_2,_3}/ + tokenizer{,_2,_3}/; nothing else is read).
 
@@ -61,6 +63,17 @@ def read_captions(path: str, include_empty: bool = True) -> list[str]:
   return list(out)
 
 
+def shard_captions(folders: Sequence[str], include_empty: bool = True) -> list[str]:
+  """All distinct captions of converted ArrayRecord shards (``ArrayRecordClipSource.captions``), first-appearance
+  order over the folders as given, "" first."""
+  from cvd_storm_jax.data_pipelines.arrayrecord_source import ArrayRecordClipSource
+  out: dict[str, None] = {"": None} if include_empty else {}
+  for folder in folders:
+    for caption in ArrayRecordClipSource(folder).captions():
+      out.setdefault(caption, None)
+  return list(out)
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -91,7 +104,11 @@ def run(argv: Sequence[str] | None = None, *, after_rows_written: Callable[[int,
   p = argparse.ArgumentParser(prog="python -m cvd_storm_jax.precompute_text", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--weights", required=True, help="diffusers SD3/SD3.5 root (text_encoder*/, tokenizer*/)")
-  p.add_argument("--captions", required=True, help="caption JSON file (list or dict, see above)")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--captions", help="caption JSON file (list or dict, see above)")
+  source.add_argument("--captions-from-shards", nargs="+", metavar="DIR",
+                      help="converter output folders (data_pipelines.convert): every caption their frames hold, "
+                           "exactly the strings the training batches look up")
   p.add_argument("--out", required=True, help="output store directory (created or resumed)")
   p.add_argument("--t5-length", type=int, default=77, help="T5 tokens (OpenDWM's CVD recipe: 77; diffusers: 256)")
   p.add_argument("--batch-size", type=int, default=64)
@@ -106,7 +123,10 @@ def run(argv: Sequence[str] | None = None, *, after_rows_written: Callable[[int,
   if args.batch_size < 1 or args.t5_length < 1:
     p.error("--batch-size and --t5-length must be positive")
 
-  captions = read_captions(args.captions, include_empty=not args.no_empty)
+  if args.captions:
+    captions = read_captions(args.captions, include_empty=not args.no_empty)
+  else:
+    captions = shard_captions(args.captions_from_shards, include_empty=not args.no_empty)
   meta_path = os.path.join(args.out, "meta.json")
   existing = read_json(meta_path) if os.path.isfile(meta_path) and os.path.isfile(
       os.path.join(args.out, "progress.json")) else None

@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from . import frames as frames_lib
-from .convert import decode_frame, read_map
+from .convert import decode_frame, read_map, record_captions
 
 
 class ArrayRecordClipSource:
@@ -65,6 +65,16 @@ class ArrayRecordClipSource:
   @functools.lru_cache(maxsize=32)
   def _map(self, scene: str):
     return read_map(os.path.join(self.path, self._scenes[scene]["map"]))
+
+  def captions(self, chunk: int = 256):
+    """Every caption string of every stored frame and view (repeats included), shard by shard: what the training
+    batches look up in a text-embedding store (``precompute_text --captions-from-shards``). No image is decoded."""
+    for shard in sorted({entry["shard"] for entry in self._scenes.values()}):
+      reader = self._reader(shard)
+      n = reader.num_records()
+      for start in range(0, n, chunk):
+        for data in reader.read(list(range(start, min(start + chunk, n)))):
+          yield from record_captions(data)
 
   def clip_id(self, index: int) -> str:
     return self._clip_ids[index]

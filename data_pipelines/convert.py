@@ -161,6 +161,11 @@ def decode_frame(data: bytes) -> dict:
   return record
 
 
+def record_captions(data: bytes) -> list[str]:
+  """The captions [V] of an ``encode_frame`` record, without decoding its images."""
+  return [str(c) for c in msgpack.unpackb(data, raw=False)["captions"]]
+
+
 def safe_name(scene: str) -> str:
   """A file name for a scene id: readable prefix + CRC32 of the full id (distinct ids never collide on disk)."""
   return f"{re.sub(r'[^A-Za-z0-9._-]', '_', scene)[:80]}-{zlib.crc32(scene.encode()):08x}"

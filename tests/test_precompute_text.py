@@ -52,6 +52,28 @@ def test_read_captions_formats(tmp_path):
     precompute_text.read_captions(str(path))
 
 
+def test_captions_from_converted_shards(setup, tmp_path):
+  """--captions-from-shards: the store holds exactly the distinct captions of the converted frames (all views), and a
+  pipeline batch over those shards finds every caption it needs in it."""
+  from cvd_storm_jax.data_pipelines import convert, pipeline
+  _, root, _, _, _ = setup
+  shards = str(tmp_path / "shards")
+  convert.convert("synthetic", "unused", shards, image_size=(32, 56), clip_frames=3,
+                  reader_kwargs=dict(num_clips=2, max_lidar_points=64), progress=False)
+  config = pipeline.default_data_config("tiny")
+  config.update(mix=(("arrayrecord", 1.0, shards),), num_frames=3, buckets=((32, 56, 1.0),))
+  batch = next(pipeline.make_iterator(config, seed=0))
+  wanted = {str(c) for c in batch["captions"].ravel()}
+  caps = precompute_text.shard_captions([shards])
+  assert caps[0] == "" and len(set(caps)) == len(caps) and wanted <= set(caps)
+  out = str(tmp_path / "emb")
+  args = ["--weights", root, "--t5-length", "16", "--batch-size", "3", "--captions-from-shards", shards, "--out", out]
+  assert precompute_text.run(args) == len(caps)
+  config.text_embeddings = out
+  batch = next(pipeline.make_iterator(config, seed=0))  # every caption of the batch is in the store
+  assert batch["text_tokens"].shape[:3] == batch["captions"].shape
+
+
 def test_store_matches_encoders(setup):
   _, root, _, full, _ = setup
   store = TextEmbeddingStore(full)
