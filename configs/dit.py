@@ -6,7 +6,7 @@ from converted SD3.5 weights and precomputed text embeddings:
 
   python -m cvd_storm_jax.train --config=configs/dit.py --workdir=$WORKDIR \
       --config.data.root=/data/cvd_shards --config.init_from=/ckpt/sd35_medium_params \
-      --config.data.text_embeddings=/data/text_emb
+      --config.data.text_embeddings=/data/text_emb --config.latents.vae_from=/ckpt/storm_vae_params
 
 Expect: about 4.1 B params; at 256x448 one clip is 51,072 image tokens (each image attends jointly with its 154 text
 tokens). Only the paper's schedule is given (no step count for the main model); OpenDWM's C35 trains 40k steps.
@@ -47,8 +47,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = default_data_config("tiny" if tiny else "paper")
 
   c.latents = ml_collections.ConfigDict()
-  c.latents.kind = "pixel_unshuffle" if tiny else "precomputed"
+  c.latents.kind = "pixel_unshuffle" if tiny else "vae"
   c.latents.projection_seed = 0
+  # kind "vae": the frozen encoder inside the step, from an SD3.5 root / diffusers VAE folder or a STORM-VAE params
+  # export (export_params: the paper's second stage). The paper recipe needs it.
+  c.latents.vae_from = ""
+  c.latents.chunk = 12  # images per encoder call inside the step (bounds the encoder's activation memory)
 
   c.text = ml_collections.ConfigDict()
   c.text.kind = "hashed_words" if tiny else "precomputed"

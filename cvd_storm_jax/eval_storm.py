@@ -171,10 +171,14 @@ def read_ply(path: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Images and video.
 # ----------------------------------------------------------------------------------------------------------------------
-def depth_to_rgb(depth: np.ndarray, max_depth: float) -> np.ndarray:
-  """[..., H, W] metres -> uint8 [..., H, W, 3] (inverse-depth grey ramp with a warm tint; 0 = far/none)."""
-  inv = np.clip(1.0 / np.maximum(np.asarray(depth, np.float32), 1e-3), 0.0, None) * max(max_depth, 1e-3) * 0.2
-  v = np.clip(inv, 0.0, 1.0)
+def depth_to_rgb(depth: np.ndarray, max_depth: float, near: float = 1.0) -> np.ndarray:
+  """[..., H, W] metres -> uint8 [..., H, W, 3]: brightness falls with log depth from ``near`` (white) to
+  ``max_depth`` (dark), with a warm tint; no depth (<= 0) is black. Log depth spreads a street scene's 2-80 m over
+  the whole ramp (an inverse-depth ramp scaled by the far plane saturated everything nearer than a fifth of it)."""
+  d = np.asarray(depth, np.float32)
+  far = max(float(max_depth), near * 1.001)
+  v = 1.0 - np.log(np.clip(d, near, far) / near) / np.log(far / near)
+  v = np.where(d > 0, 0.15 + 0.85 * v, 0.0)  # the farthest depth stays visible against "none"
   rgb = np.stack([v, v ** 1.5, v ** 3], axis=-1)
   return (rgb * 255.0 + 0.5).astype(np.uint8)
 

@@ -13,7 +13,8 @@ frames are generated autoregressively, carrying ``reference_frames`` latents bet
 Writes to --out: ``latents.npy`` [B, T, V, h, w, C]; per sample and view ``sample{b}_view{v}.mp4``; a mosaic of all
 view slots ``sample{b}_mosaic.mp4`` (2 rows); with --storm_vae_params, per sample ``sample{b}_depth.mp4`` (depth
 renders of the STORM-VAE GS decoder into the clip's own cameras, views side by side) and ``sample{b}.ply`` (its
-Gaussians at the first context time). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
+Gaussians at the first context time), meaningful for a DiT trained on that export's latents (latents.kind "vae",
+latents.vae_from = the export; other latents are decoded with a warning). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
 (or --vae_from); "pixel_unshuffle" -> the fixed projection's transpose then pixel shuffle, which is the exact
 least-squares inverse because the projection has orthonormal columns (the 192 - C directions it drops are lost);
 "precomputed" needs --vae_from (a diffusers VAE folder or params file), otherwise only latents.npy is written.
@@ -203,7 +204,8 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
       T, num_frames=num_frames, window=window, reference_frames=reference_frames,
       ground_truth_reference=ground_truth_reference)
   if storm_vae_params:
-    _storm_task(storm_vae_config, num_frames, C)  # fail before sampling, not after
+    # Fail (or warn about mismatched latents) before sampling, not after.
+    _storm_task(storm_vae_config, num_frames, C, config.latents, storm_vae_params)
   if params is None:
     params = load_checkpoint_params(checkpoint)
   latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
@@ -236,9 +238,21 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   return summary
 
 
-def _storm_task(storm_config: Any, num_frames: int, latent_channels: int) -> Any:
-  """The STORM-VAE task of --storm_vae_config, checked against the clip to generate (before any sampling)."""
+def _storm_task(storm_config: Any, num_frames: int, latent_channels: int, dit_latents: Any = None,
+                storm_params: str = "") -> Any:
+  """The STORM-VAE task of --storm_vae_config, checked against the clip to generate (before any sampling).
+
+  The GS decoder reads the STORM-VAE encoder's latents: only a DiT trained on them (latents.kind "vae" with
+  latents.vae_from = that export) gives Gaussians with meaning. Other latents decode without error into Gaussians
+  and depth that show the plumbing only; that is said, loudly."""
   from cvd_storm_jax import tasks
+  if dit_latents is not None:
+    kind, vae_from = dit_latents.kind, str(dit_latents.get("vae_from", "") or "")
+    if kind != "vae" or os.path.abspath(vae_from or "-") != os.path.abspath(storm_params or "+"):
+      log.warning("the DiT's latents (latents.kind=%s, vae_from=%r) are not those of the STORM-VAE export %r: the "
+                  "decoded Gaussians and depth show the pipeline, not the generated scene's geometry (train the DiT "
+                  "with --config.latents.kind=vae --config.latents.vae_from=%s)", kind, vae_from, storm_params,
+                  storm_params)
   if storm_config is None or storm_config.get("task") != "storm_vae":
     raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
   stask = tasks.get_task(storm_config)

@@ -24,9 +24,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def default_rules() -> tuple[tuple[str, Any], ...]:
-  """Logical axis -> mesh axes, the configs' default (MaxText style). Params: FSDP over 'fsdp' on the model width,
-  tensor parallelism over 'tensor' on the MLP / heads / vocab / conv-output dims. Activations: the batch over
-  ('data', 'fsdp'). Tuples, so that a ConfigDict holds them and the command line can override them."""
+  """Logical axis -> mesh axes, the configs' default (MaxText style). Params: FSDP over 'fsdp' on the model width
+  and on conv input channels (without it every conv kernel, e.g. the layout adapter's 21 M-param 3x3 convs and the
+  whole VAE, stayed whole on every device), tensor parallelism over 'tensor' on the MLP / heads / vocab / conv-output
+  dims. "conv_in" comes after "embed": a kernel annotated ("conv_in", "embed") is sharded on embed (a mesh axis is
+  used once per array). Activations: the batch over ('data', 'fsdp'). Tuples, so that a ConfigDict holds them and the
+  command line can override them."""
   return (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -35,7 +38,7 @@ def default_rules() -> tuple[tuple[str, Any], ...]:
       ("vocab", "tensor"),
       ("conv_out", "tensor"),
       ("kv", None),
-      ("conv_in", None),
+      ("conv_in", "fsdp"),
       ("norm", None),
       ("layers", None),
       ("length", None),

@@ -1,6 +1,7 @@
 """Sampler (Euler / CFG / reference injection / autoregression) and the generate command end to end."""
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -185,7 +186,7 @@ def _random_storm_vae(dit_config, path):
   return s, path
 
 
-def test_generate_end_to_end(tmp_path):
+def test_generate_end_to_end(tmp_path, caplog):
   av = pytest.importorskip("av")
   from cvd_storm_jax import generate as gen
   from cvd_storm_jax.data_pipelines import pipeline
@@ -195,9 +196,11 @@ def test_generate_end_to_end(tmp_path):
   workdir, out = str(tmp_path / "wd"), str(tmp_path / "gen")
   train(c, workdir)
   storm_cfg, storm_params = _random_storm_vae(c, str(tmp_path / "storm_params"))
-  summary = gen.generate(c, workdir, out, num_steps=2, guidance=4.0, reference_frames=1,
-                         ground_truth_reference=True, seed=0, storm_vae_config=storm_cfg,
-                         storm_vae_params=storm_params)
+  with caplog.at_level(logging.WARNING, logger="cvd_storm_jax.generate"):
+    summary = gen.generate(c, workdir, out, num_steps=2, guidance=4.0, reference_frames=1,
+                           ground_truth_reference=True, seed=0, storm_vae_config=storm_cfg,
+                           storm_vae_params=storm_params)
+  assert "show the pipeline" in caplog.text  # pixel-unshuffle latents are not the STORM-VAE's: said, not silent
   assert summary["window_starts"] == [0]
   latents = np.load(os.path.join(out, "latents.npy"))
   assert latents.shape == (1, 2, 6, 4, 8, 16) and np.isfinite(latents).all()

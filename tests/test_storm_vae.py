@@ -239,6 +239,13 @@ def test_trainer_contract(env):
     task.device_batch({k: v for k, v in host.items() if k != "depth"})
 
 
+def test_depth_colouring_spreads_street_depths():
+  # A street scene's depths (2-80 m) with the paper's far plane (400 m): distinct, falling brightness; none is black.
+  d = np.array([[0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0]], np.float32)
+  v = eval_storm.depth_to_rgb(d, 400.0)[0, :, 0].astype(int)
+  assert v[0] == 0 and v[1] < 255 and (np.diff(v[1:]) < -10).all()
+
+
 def test_depth_and_image_metrics():
   gt = np.zeros((2, 4, 5), np.float32)
   gt[0, :2] = 10.0

@@ -78,7 +78,7 @@ class TimestepEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = dense(self.hidden, (None, "mlp"), name="linear_1", **kw)(x.astype(self.dtype))
+    x = dense(self.hidden, ("embed", "mlp"), name="linear_1", **kw)(x.astype(self.dtype))  # FSDP over the input
     x = nn.silu(x)
     return dense(self.out_features or self.hidden, ("mlp", "embed"), name="linear_2", **kw)(x)
 

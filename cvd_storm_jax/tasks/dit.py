@@ -17,7 +17,8 @@ Latents: ``latents.kind`` =
   of ``latents.chunk`` images). ``latents.vae_from`` is a diffusers VAE folder / SD3.5 root (``pretrained.vae``), or
   a params file (``checkpoint.save_params``; e.g. ``python -m cvd_storm_jax.export_params`` of a STORM-VAE run, whose
   ``vae`` subtree is used), or "" for a random encoder of shape ``latents.vae`` (tests);
-- "precomputed": the batch carries ``latents`` [B, T, V, h, w, 16] already normalised as SD3 does;
+- "precomputed": the batch carries ``latents`` [B, T, V, h, w, 16] already normalised as SD3 does (for a custom
+  data source: no pipeline of this project writes them);
 - "pixel_unshuffle": a fixed, frozen orthogonal projection of 8x8 pixel patches to 16 channels (CPU runs without a
   VAE).
 Text: ``text.kind`` = "hashed_words" (a small trainable text embedder over hashed word ids, for the synthetic data)
@@ -120,6 +121,9 @@ class DiTTask:
       self.projection = fixed_unshuffle_projection(config.model.in_channels, config.latents.projection_seed)
     elif kind == "vae":
       self.vae_from = str(config.latents.get("vae_from", "") or "")
+      if not self.vae_from and not config.latents.get("vae"):
+        raise ValueError("latents.kind='vae' needs latents.vae_from (an SD3.5 root or diffusers VAE folder, or a "
+                         "STORM-VAE params export), or latents.vae (a random encoder's architecture, for tests)")
       self.vae = vae_lib.AutoencoderKL(self._vae_config())
       if self.vae.config.latent_channels != config.model.in_channels:
         raise ValueError(f"the VAE has {self.vae.config.latent_channels} latent channels, the DiT expects "
@@ -184,8 +188,10 @@ class DiTTask:
       keys += ["text_tokens", "pooled_text"]
     missing = [k for k in keys if k not in host_batch]
     if missing:
+      hint = (" (no data pipeline of this project writes latents: use latents.kind='vae', the frozen encoder in the "
+              "step)" if "latents" in missing else "")
       raise KeyError(f"the data pipeline's batch lacks {missing} needed by the DiT task "
-                     f"(latents.kind={self.config.latents.kind}, text.kind={self.config.text.kind})")
+                     f"(latents.kind={self.config.latents.kind}, text.kind={self.config.text.kind}){hint}")
     out = {k: np.asarray(host_batch[k]) for k in keys}
     if self.config.text.kind == "hashed_words":
       out["caption_ids"] = hashed_word_ids(np.asarray(host_batch["captions"], dtype=object),
