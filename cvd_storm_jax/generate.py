@@ -12,8 +12,8 @@ frames are generated autoregressively, carrying ``reference_frames`` latents bet
 
 Writes to --out: ``latents.npy`` [B, T, V, h, w, C]; per sample and view ``sample{b}_view{v}.mp4``; a mosaic of all
 view slots ``sample{b}_mosaic.mp4`` (2 rows); with --storm_vae_params, per sample ``sample{b}_depth.mp4`` (depth
-renders of the STORM-VAE GS decoder into the clip's own cameras, views side by side) and ``sample{b}.ply`` (its
-Gaussians at the first context time), meaningful for a DiT trained on that export's latents (latents.kind "vae",
+renders of the STORM-VAE GS decoder into the clip's own cameras, views side by side, decoded in sliding windows of
+adjacent frames as the paper does) and ``sample{b}.ply`` (the first window's Gaussians at its first frame), meaningful for a DiT trained on that export's latents (latents.kind "vae",
 latents.vae_from = the export; other latents are decoded with a warning). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
 (or --vae_from); "pixel_unshuffle" -> the fixed projection's transpose then pixel shuffle, which is the exact
 least-squares inverse because the projection has orthonormal columns (the 192 - C directions it drops are lost);
@@ -256,9 +256,9 @@ def _storm_task(storm_config: Any, num_frames: int, latent_channels: int, dit_la
   if storm_config is None or storm_config.get("task") != "storm_vae":
     raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
   stask = tasks.get_task(storm_config)
-  if max(stask.context_frames) >= num_frames:
-    raise ValueError(f"the STORM-VAE context frames {stask.context_frames} need more than {num_frames} generated "
-                     "frames")
+  if len(stask.context_frames) > num_frames:
+    raise ValueError(f"the STORM-VAE decodes windows of {len(stask.context_frames)} adjacent frames (its number of "
+                     f"context frames); the clip has {num_frames}")
   if latent_channels != stask.vae_config.latent_channels:
     raise ValueError(f"the DiT latents have {latent_channels} channels, the STORM-VAE "
                      f"{stask.vae_config.latent_channels}")
@@ -267,8 +267,13 @@ def _storm_task(storm_config: Any, num_frames: int, latent_channels: int, dit_la
 
 def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any], latents: np.ndarray, out_dir: str,
                    fps: float, num_frames: int) -> list[str]:
-  """Decodes the generated latents with the STORM-VAE GS decoder: Gaussians from its context frames, depth renders
-  at every generated frame in the clip's cameras, and a .ply per sample."""
+  """Decodes the generated latents with the STORM-VAE GS decoder, as the paper decodes generated video (App. 6.1.2):
+  sliding windows of n adjacent frames (n = the STORM config's number of context frames: 4 for the paper's), each
+  window's frames both context and targets, windows stepping by n - 1 frames ([0, 3], [3, 6], ...; the last one ends
+  at the clip's end). Writes per sample a depth video of every generated frame in the clip's cameras (each frame from
+  the first window that holds it) and a .ply of the first window's Gaussians at its first frame."""
+  import copy
+
   import jax
   import jax.numpy as jnp
 
@@ -277,16 +282,18 @@ def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any],
   from cvd_storm_jax.models.storm_vae import StormVAE
 
   stask = _storm_task(storm_config, num_frames, latents.shape[-1])
-  ctx = tuple(stask.context_frames)
+  n = len(stask.context_frames)
+  window_task = copy.copy(stask)
+  window_task.context_frames = window_task.target_frames = tuple(range(n))
+  starts = list(range(0, num_frames - n + 1, n - 1 if n > 1 else 1))
+  if starts[-1] != num_frames - n:
+    starts.append(num_frames - n)
   tree = ckpt_lib.load_params(params_path)
   if "gs" not in tree:
     raise ValueError(f"{params_path!r} holds no GS decoder params (keys {sorted(tree)}); expected a STORM-VAE export")
   sparams = {"gs": tree["gs"]}  # only the GS decoder runs: the latents are already the model's
-  sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in ("images", "intrinsics", "cam_to_ego",
-                                                                         "ego_to_world", "timestamps", "depth",
-                                                                         "sky_mask") else v)
-                           for k, v in host.items()})
-  sel = stask.select({k: jnp.asarray(v) for k, v in sb.items()}, None, target_frames=tuple(range(num_frames)))
+  per_frame = ("images", "intrinsics", "cam_to_ego", "ego_to_world", "timestamps", "depth", "sky_mask")
+  sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in per_frame else v) for k, v in host.items()})
   height, width = sb["images"].shape[3:5]
 
   @jax.jit
@@ -297,9 +304,18 @@ def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any],
                           height, width, method=StormVAE.render)
     return g, r["depth"]
 
-  gaussians, depth = decode(sparams, jnp.asarray(latents[:, np.asarray(ctx)]), sel)
-  depth = np.asarray(depth)
-  flat = flatten(gaussians)
+  depth = np.zeros(latents.shape[:3] + (height, width), np.float32)
+  filled = np.zeros(num_frames, bool)
+  first_gaussians = None
+  for w in starts:  # one program: every window has the same shapes
+    window = {k: (v[:, w:w + n] if k in per_frame else v) for k, v in sb.items()}
+    sel = window_task.select({k: jnp.asarray(v) for k, v in window.items()}, None)
+    gaussians, window_depth = decode(sparams, jnp.asarray(latents[:, w:w + n]), sel)
+    first_gaussians = gaussians if first_gaussians is None else first_gaussians
+    new = ~filled[w:w + n]
+    depth[:, w:w + n][:, new] = np.asarray(window_depth)[:, new]
+    filled[w:w + n] = True
+  flat = flatten(first_gaussians)
   written = []
   for b in range(latents.shape[0]):
     views = [v for v in range(depth.shape[2]) if sb["view_mask"][b, v]]

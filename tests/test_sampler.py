@@ -230,6 +230,17 @@ def test_generate_end_to_end(tmp_path, caplog):
   from cvd_storm_jax.eval_storm import read_ply
   ply = read_ply(os.path.join(out, "sample0.ply"))
   assert len(ply["means"]) > 0 and np.isfinite(ply["means"]).all()
+  # Sliding windows (the paper's 4D decoding of long clips): a 1-frame STORM context decodes the 2 frames in two
+  # windows, each frame from its own window, with the same GS decoder params.
+  one = storm_cfg.copy_and_resolve_references()
+  one.storm.context_frames, one.storm.target_frames = (0,), (0,)
+  host = next(pipeline.make_iterator(c.data, seed=c.seed))
+  two = str(tmp_path / "two_windows")
+  os.makedirs(two)
+  gen._storm_outputs(one, storm_params, host, latents, two, 10.0, 2)
+  with av.open(os.path.join(two, "sample0_depth.mp4")) as container:
+    windowed = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+  assert len(windowed) == 2 and windowed[0].std() > 0 and windowed[1].std() > 0
   with pytest.raises(ValueError, match="storm_vae_config"):
     gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, storm_vae_params=storm_params)
   with pytest.raises(ValueError, match="num_frames=3 but the data"):
