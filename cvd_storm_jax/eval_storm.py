@@ -27,6 +27,7 @@ rot_0..3 (w, x, y, z); ``read_ply`` reads it back.
 """
 from __future__ import annotations
 
+import fractions
 import functools
 import json
 import logging
@@ -201,7 +202,8 @@ def write_mp4(path: str, frames: np.ndarray, fps: float = 5.0) -> None:
   if (ph, pw) != (h, w):
     frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
   with av.open(path, mode="w") as container:
-    stream = container.add_stream("libx264", rate=max(int(round(fps)), 1))
+    # A fraction, not a rounded integer: 12 Hz or 2.5 fps must play at their own rate.
+    stream = container.add_stream("libx264", rate=fractions.Fraction(max(float(fps), 1e-3)).limit_denominator(1000))
     stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

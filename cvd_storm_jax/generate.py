@@ -203,6 +203,9 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   num_frames, window, k, starts = clip_sampler.plan(
       T, num_frames=num_frames, window=window, reference_frames=reference_frames,
       ground_truth_reference=ground_truth_reference)
+  if storm_vae_config is not None and not storm_vae_params:
+    raise ValueError("--storm_vae_config without --storm_vae_params: give the STORM-VAE params file to decode with "
+                     "(python -m cvd_storm_jax.export_params), or drop the config")
   if storm_vae_params:
     # Fail (or warn about mismatched latents) before sampling, not after.
     _storm_task(storm_vae_config, num_frames, C, config.latents, storm_vae_params)

@@ -317,7 +317,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
         "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
         "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
     }
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
+    # The rate this step applies: skipped steps keep the optimizer's state, its schedule count included.
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"] - state["nonfinite_total"]),
                    param_norm=optax.global_norm(state["params"]), nonfinite_total=new_state["nonfinite_total"],
                    nonfinite_run=new_state["nonfinite_run"])
     return new_state, metrics
@@ -395,8 +396,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       if after_step is not None:
         after_step(step)
       stop_preempted = preempted(step)
-      stop_nonfinite = False
-      if step % config.log_every == 0 or step == total or stop_preempted:
+      # One scalar every step, not only at log steps: a run of non-finite steps stops as soon as it passes the limit.
+      stop_nonfinite = int(metrics["nonfinite_run"]) > config.max_consecutive_nonfinite
+      if step % config.log_every == 0 or step == total or stop_preempted or stop_nonfinite:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t_last
         metrics.update({"steps_per_s": steps_since / dt, "tokens_per_s": tokens_since / dt,
@@ -411,8 +413,6 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
           writer.flush()
           metrics_lines += json.dumps(last) + "\n"
           _write_text(metrics_file, metrics_lines)
-        if metrics["nonfinite_run"] > config.max_consecutive_nonfinite:
-          stop_nonfinite = True
       if step % config.checkpoint.every_steps == 0 or step == total or stop_preempted or stop_nonfinite:
         ckpt_lib.save(manager, step, state, data_iter, force=True)
       if stop_nonfinite:

@@ -243,6 +243,8 @@ def test_generate_end_to_end(tmp_path, caplog):
   assert len(windowed) == 2 and windowed[0].std() > 0 and windowed[1].std() > 0
   with pytest.raises(ValueError, match="storm_vae_config"):
     gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, storm_vae_params=storm_params)
+  with pytest.raises(ValueError, match="without --storm_vae_params"):
+    gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, storm_vae_config=storm_cfg)
   with pytest.raises(ValueError, match="num_frames=3 but the data"):
     gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, num_frames=3)
   with pytest.raises(ValueError, match="num_reference=2"):

@@ -241,7 +241,7 @@ def test_nonfinite_step_never_reaches_params(tmp_path):
   config = tiny_config(batch_size=2)
   config.num_devices = 1
   config.total_steps = 6
-  config.log_every = 1
+  config.log_every = 100  # the stop comes between log steps: it is checked every step
   config.max_consecutive_nonfinite = 2
   config.optimizer.grad_clip = 0.0
   config.diffusion.logit_std = float("nan")  # every sigma is NaN -> loss NaN
@@ -249,7 +249,8 @@ def test_nonfinite_step_never_reaches_params(tmp_path):
     train_mod.train(config, str(tmp_path))
   logged = _losses(str(tmp_path))
   assert all(not np.isfinite(m["loss"]) for m in logged)
-  assert logged[-1]["nonfinite_total"] == 3
+  assert logged[-1]["nonfinite_total"] == 3 and logged[-1]["step"] == 3
+  assert logged[-1]["lr"] == 0.0  # the rate the step applies: no update yet, so the warmup's first (0), not step 3's
   m = ckpt_lib.make_manager(os.path.join(str(tmp_path), "checkpoints"), max_to_keep=3, async_save=False)
   state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   m.close()
