@@ -51,9 +51,9 @@ import re
 import numpy as np
 
 from . import geometry, schema
-from .readers import (ClipReader, ReaderError, align_caption_fields, check_sample, crop_polylines_near,
-                      format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix,
-                      quat_to_matrix, read_caption_file, read_jpeg, resample_nearest, yaw_of)
+from .readers import (CaptionTable, ClipReader, ReaderError, align_caption_fields, check_caption_entry, check_sample,
+                      crop_polylines_near, format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines,
+                      pose_matrix, quat_to_matrix, read_caption_file, read_jpeg, resample_nearest, yaw_of)
 
 CAMERAS = ("ring_front_left", "ring_front_right", "ring_side_right", "ring_rear_right", "ring_rear_left",
            "ring_side_left")
@@ -255,8 +255,8 @@ class Argoverse2Reader(ClipReader):
     return out
 
   # ---------------------------------------------------------------- captions
-  def _load_captions(self, path: str) -> dict[tuple[str, str], tuple[np.ndarray, list]]:
-    """(log, camera) -> (sorted timestamps ns, raw entries) for the logs and cameras of this reader."""
+  def _load_captions(self, path: str) -> CaptionTable:
+    """The raw entries per (log, camera) of this reader, by timestamp (ns)."""
     formats = " or ".join(repr(f) for f in CAPTION_KEY_FORMATS)
     raw = read_caption_file(path, formats)
     if not raw:
@@ -267,8 +267,7 @@ class Argoverse2Reader(ClipReader):
       m = next((m for m in (r.match(key) for r in _CAPTION_KEY_RES) if m), None)
       if m is None:
         raise ReaderError(f"caption key {key!r} is in no accepted format ({formats})", path)
-      if value is not None and not isinstance(value, (str, dict)):
-        raise ReaderError(f"caption entry {key!r} is a {type(value).__name__}, not a str or a dict of fields", path)
+      check_caption_entry(key, value, path)
       pair, ts = (m["log"], m["cam"]), int(m["ts"])
       if pair not in wanted:
         continue  # another log or camera than this reader's: a caption file may cover a whole split
@@ -285,15 +284,11 @@ class Argoverse2Reader(ClipReader):
       _log.warning("Argoverse 2 caption file %s has no entries for %d of %d (log, camera) pairs of the reader "
                    "(e.g. %s/%s); their images take the metadata caption", path, len(missing), len(wanted),
                    *missing[0])
-    return {pair: (np.asarray(sorted(per_time), np.int64), [per_time[t] for t in sorted(per_time)])
-            for pair, per_time in rows.items()}
+    return CaptionTable({pair: list(per_time.items()) for pair, per_time in rows.items()})
 
   def _caption_entry(self, log: str, cam: str, ts: int, fallback: str):
     """The raw entry (str or dict) nearest in time of ``log``/``cam``, or ``fallback`` when it has none."""
-    if self._captions is None or (log, cam) not in self._captions:
-      return fallback
-    times, entries = self._captions[(log, cam)]
-    return entries[int(nearest_indices(times, np.asarray([ts]))[0])]
+    return fallback if self._captions is None else self._captions.nearest((log, cam), ts, fallback)
 
   # ---------------------------------------------------------------- clips
   def read_clip(self, clip_id: str) -> dict:

@@ -92,9 +92,13 @@ from typing import Any
 import numpy as np
 
 from . import geometry, schema
-from .readers import (ClipReader, ReaderError, align_caption_fields, check_sample, crop_polylines_near,
-                      format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines, pose_matrix, quat_slerp,
-                      quat_to_matrix, read_jpeg, resample_nearest, yaw_of)
+from .readers import (CaptionTable, ClipReader, ReaderError, align_caption_fields, check_caption_entry, check_sample,
+                      crop_polylines_near, format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines,
+                      pose_matrix, quat_slerp, quat_to_matrix, read_caption_file, read_jpeg, resample_nearest, yaw_of)
+
+# The caption-file keys the reader accepts (module docstring, "Captions").
+CAPTION_KEY_FORMATS = ("a camera sample_data token, an image filename relative to dataroot (samples/CAM_FRONT/...jpg) "
+                       "or OpenDWM's '<scene_token>|<channel>|<timestamp_us>'")
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 LIDAR = "LIDAR_TOP"
@@ -454,23 +458,19 @@ class NuScenesReader(ClipReader):
     return out
 
   # ---------------------------------------------------------------- captions
-  def _load_captions(self, path: str) -> dict[str, dict[str, tuple[np.ndarray, list]]]:
-    """caption file -> {scene name: {channel: (sorted capture times [n] int64 us, their raw entries)}}.
+  def _load_captions(self, path: str) -> CaptionTable:
+    """caption file -> the raw entries per (scene name, channel), by capture time (us).
 
     Entries stay raw (str or dict) because a frame's views are aligned before they are formatted (read_clip).
     """
-    raw = _load_json(path)
-    if not isinstance(raw, dict):
-      raise ReaderError("caption file must hold a JSON object", path)
+    raw = read_caption_file(path, CAPTION_KEY_FORMATS)
     table_scenes = {s["token"] for s in self.tables["scene"]}
     selected = {sc["scene"]["token"]: n for n, sc in self._scenes.items()}
     by_file: dict[str, dict] = {}
     rows: dict[tuple[str, str], list[tuple[int, Any]]] = {}
     unmatched: list[str] = []
     for key, value in raw.items():
-      if not isinstance(value, (str, dict)):
-        raise ReaderError(f"caption entry {key!r} must be a str or a dict of fields, got {type(value).__name__}",
-                          path)
+      check_caption_entry(key, value, path, allow_none=False)
       if not by_file and "|" not in key and key not in self._by_token["sample_data"]:
         # Built only when a filename key appears: v1.0-trainval has millions of sample_data rows.
         by_file = {sd["filename"]: sd for sd in self.tables["sample_data"]}
@@ -482,20 +482,14 @@ class NuScenesReader(ClipReader):
     if not rows:
       example = f"e.g. {next(iter(raw))!r}" if raw else "the file is empty"
       raise ReaderError(f"no key of the caption file matches an image of the {len(self._scenes)} scene(s) of this "
-                        f"{self.version} reader ({example}); keys must be a camera sample_data token, an image "
-                        "filename relative to dataroot (samples/CAM_FRONT/...jpg) or OpenDWM's "
-                        "'<scene_token>|<channel>|<timestamp_us>'", path)
+                        f"{self.version} reader ({example}); keys must be {CAPTION_KEY_FORMATS}", path)
     uncaptioned = [f"{n}/{ch}" for n in self._scenes for ch in CAMERAS if (n, ch) not in rows]
     if unmatched or uncaptioned:
       _log.warning("nuScenes caption file %s: %d of %d key(s) match no camera image of %s (e.g. %s); %d of %d scene "
                    "camera(s) have no caption and use the metadata caption (e.g. %s)", path, len(unmatched), len(raw),
                    self.version, ", ".join(repr(k) for k in unmatched[:3]) or "-", len(uncaptioned),
                    len(self._scenes) * len(CAMERAS), ", ".join(uncaptioned[:3]) or "-")
-    out: dict[str, dict[str, tuple[np.ndarray, list]]] = {}
-    for (name, channel), entries in rows.items():
-      entries.sort(key=lambda e: e[0])  # stable: equal times keep file order
-      out.setdefault(name, {})[channel] = (np.asarray([e[0] for e in entries], np.int64), [e[1] for e in entries])
-    return out
+    return CaptionTable(rows)
 
   def _caption_key(self, key: str, by_file: dict[str, dict]) -> tuple[str, str, int] | None:
     """(scene token, camera channel, capture time us) named by a caption-file key, None if it names no camera
@@ -526,11 +520,7 @@ class NuScenesReader(ClipReader):
   def _caption_entry(self, scene_name: str, channel: str, ts: int) -> Any:
     """The raw caption-file entry for an image at capture time ``ts`` (nearest captioned time of its scene and
     camera), None without one."""
-    found = (self._captions or {}).get(scene_name, {}).get(channel)
-    if found is None:
-      return None
-    times, entries = found
-    return entries[int(nearest_indices(times, np.asarray([ts], np.int64))[0])]
+    return None if self._captions is None else self._captions.nearest((scene_name, channel), ts)
 
   def frame_captions(self, scene_name: str, frame: dict[str, dict]) -> list[str]:
     """The 6 captions of one frame ({channel: sample_data}), in CAMERAS order (module docstring, "Captions")."""

@@ -48,7 +48,6 @@ reader clip by clip (``list_clips`` / ``read_clip``).
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import glob
 import json
@@ -132,7 +131,7 @@ class OpenDVReader(readers.ClipReader):
       if joined:  # "+" separates the parts of a stacked clip id.
         raise ValueError(f"{meta_path}: videoid {joined[0]!r} contains '+', which stack_views > 1 cannot parse")
     self._split = split
-    self._captions = self._load_captions(os.fspath(caption_path)) if caption_path else {}
+    self._captions = self._load_captions(os.fspath(caption_path)) if caption_path else readers.CaptionTable()
 
   def _caption_key(self, key: str) -> tuple[str | None, float]:
     """(videoid of this reader or None, time in s) of a caption-file key (module docstring)."""
@@ -150,8 +149,8 @@ class OpenDVReader(readers.ClipReader):
       return stem, t
     return None, t
 
-  def _load_captions(self, path: str) -> dict[str, tuple[list[float], list[str]]]:
-    """Caption file -> {videoid: (sorted times in s, captions)} for the videos of this reader."""
+  def _load_captions(self, path: str) -> readers.CaptionTable:
+    """Caption file -> the joined captions per videoid of this reader, by video time (s)."""
     raw = readers.read_caption_file(path, CAPTION_KEY_FORMAT)
     per_video: dict[str, list[tuple[float, str]]] = {}
     unmatched = []
@@ -160,11 +159,8 @@ class OpenDVReader(readers.ClipReader):
       if vid is None:
         unmatched.append(key)
         continue
-      try:
-        text = readers.format_caption(value)
-      except ValueError as e:
-        raise ReaderError(f"OpenDV caption {key!r}: {e}", path) from e
-      per_video.setdefault(vid, []).append((t, text))
+      readers.check_caption_entry(key, value, path)
+      per_video.setdefault(vid, []).append((t, readers.format_caption(value)))
     if not per_video:
       example = repr(next(iter(raw))) if raw else "none (the file is empty)"
       raise ReaderError(f"no key of the OpenDV caption file names a video of this reader ({len(self._meta)} videos, "
@@ -176,11 +172,7 @@ class OpenDVReader(readers.ClipReader):
       _log.warning("OpenDV caption file %s: %d of %d keys name no video of this reader (e.g. %r; expected %s), "
                    "%d of %d videos have no caption and use the metadata caption", path, len(unmatched), len(raw),
                    unmatched[0] if unmatched else None, CAPTION_KEY_FORMAT, uncaptioned, len(self._meta))
-    out = {}
-    for vid, items in per_video.items():
-      items.sort(key=lambda item: item[0])  # Stable: duplicate times keep the file order.
-      out[vid] = ([t for t, _ in items], [c for _, c in items])
-    return out
+    return readers.CaptionTable(per_video)
 
   def _frame_level_only_single_view(self, method: str) -> None:
     # The frame-level interface is per video (single view); a caller storing frames through it (as convert.py does
@@ -215,11 +207,7 @@ class OpenDVReader(readers.ClipReader):
   def caption(self, scene: str, time_s: float) -> str:
     """Caption at video time ``time_s`` (nearest labelled time), else one from the metadata."""
     if scene in self._captions:
-      times, texts = self._captions[scene]
-      j = bisect.bisect_left(times, time_s)
-      if j == len(times) or (j > 0 and time_s - times[j - 1] <= times[j] - time_s):
-        j -= 1
-      return texts[j]
+      return self._captions.nearest(scene, time_s)
     m = self._meta[scene]
     place = ", ".join(str(m[k]) for k in ("area", "state") if m.get(k))
     return f"A front-camera driving video{' in ' + place if place else ''}."

@@ -18,6 +18,7 @@ Shared helpers (used by all readers so that padding and resampling behave the sa
   ``quat_to_matrix``, ``pose_matrix``, ``quat_slerp``, ``yaw_of``   (w, x, y, z) quaternion poses (nuScenes, AV2).
   ``format_caption``     caption-file entries (str or DriveMLM-style dict of fields) as one string, as OpenDWM joins.
   ``align_caption_fields`` one frame's entries with time and weather agreeing across views (OpenDWM align_keys).
+  ``read_caption_file``, ``check_caption_entry``, ``CaptionTable``   caption files: read, checked, looked up by time.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import collections
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -147,6 +148,39 @@ def read_caption_file(path: str, key_formats: str) -> dict:
   if not isinstance(raw, dict):
     raise ReaderError(f"caption file must hold a JSON object keyed {key_formats}", path)
   return raw
+
+
+def check_caption_entry(key: str, value: Any, path: str, *, allow_none: bool = True) -> None:
+  """ReaderError unless a caption-file entry is what ``format_caption`` reads: a str or a dict of fields (or null,
+  an empty caption, where ``allow_none``)."""
+  if not isinstance(value, (str, dict)) and not (allow_none and value is None):
+    raise ReaderError(f"caption entry {key!r} must be a str or a dict of fields, got {type(value).__name__}", path)
+
+
+class CaptionTable:
+  """Caption-file entries per key (a scene and camera, a video, ...), each key's entries sorted by their labelled
+  time (equal times keep the file's order). ``nearest(key, time)`` is the entry labelled nearest to ``time`` (ties:
+  the earlier), as OpenDWM's ``find_nearest``. Each reader builds it from its own key formats."""
+
+  def __init__(self, rows: Mapping[Any, Sequence[tuple[float, Any]]] | None = None):
+    """rows: {key: [(time, entry), ...]} in any order."""
+    self._rows = {}
+    for key, items in (rows or {}).items():
+      items = sorted(items, key=lambda item: item[0])
+      self._rows[key] = (np.asarray([t for t, _ in items]), [e for _, e in items])
+
+  def __contains__(self, key: Any) -> bool:
+    return key in self._rows
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def nearest(self, key: Any, time: float, default: Any = None) -> Any:
+    """The entry of ``key`` labelled nearest to ``time``; ``default`` when the key has none."""
+    if key not in self._rows:
+      return default
+    times, entries = self._rows[key]
+    return entries[int(nearest_indices(times, np.asarray([time]))[0])]
 
 
 def align_caption_fields(values: Sequence[Any], keys: Sequence[str] = ALIGNED_CAPTION_FIELDS) -> list[Any]:

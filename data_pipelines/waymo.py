@@ -293,14 +293,11 @@ class WaymoReader(readers.ClipReader):
       if name in self._paths:
         raise ValueError(f"two Waymo segments named {name!r}: {self._paths[name]} and {f}")
       self._paths[name] = f
-    # (scene, CameraName) -> (sorted timestamp_micros [N] int64, raw entries [N]); entries are formatted per frame,
-    # after the cross-view alignment.
-    self._captions: dict[tuple[str, int], tuple[np.ndarray, list]] = {}
-    if caption_file:
-      self._captions = self._load_captions(os.fspath(caption_file))
+    # Raw entries per (scene, CameraName) by timestamp_micros; formatted per frame, after the cross-view alignment.
+    self._captions = self._load_captions(os.fspath(caption_file)) if caption_file else readers.CaptionTable()
 
   # ---- captions -----------------------------------------------------------------------------------------------
-  def _load_captions(self, path: str) -> dict[tuple[str, int], tuple[np.ndarray, list]]:
+  def _load_captions(self, path: str) -> readers.CaptionTable:
     raw = readers.read_caption_file(path, CAPTION_KEY_FORMAT)
     cameras = {c for c in VIEW_CAMERAS if c is not None}
     rows: dict[tuple[str, int], list[tuple[int, object]]] = {}
@@ -314,9 +311,7 @@ class WaymoReader(readers.ClipReader):
       if scene not in self._paths or cam not in cameras:
         unmatched.append(key)
         continue
-      if value is not None and not isinstance(value, (str, dict)):  # What readers.format_caption accepts.
-        raise ReaderError(f"Waymo caption {key!r} must be a str or a dict of fields, got {type(value).__name__}",
-                          path)
+      readers.check_caption_entry(key, value, path)
       rows.setdefault((scene, cam), []).append((time_us, value))
     if not rows:
       example = repr(next(iter(raw))) if raw else "none (the file is empty)"
@@ -330,24 +325,13 @@ class WaymoReader(readers.ClipReader):
                    "%s), %d of %d (segment, camera) pairs have no caption and keep the context.stats one", path,
                    len(unmatched), len(raw), unmatched[0] if unmatched else None, CAPTION_KEY_FORMAT, uncaptioned,
                    len(self._paths) * len(cameras))
-    out = {}
-    for k, items in rows.items():
-      items.sort(key=lambda item: item[0])  # Stable: duplicate times keep the file order.
-      out[k] = (np.array([t for t, _ in items], np.int64), [v for _, v in items])
-    return out
+    return readers.CaptionTable(rows)
 
   def frame_captions(self, scene: str, timestamp_us: int, fallback: str) -> np.ndarray:
     """Captions [V] (object) of one frame: caption-file entries at the nearest labelled time of each view's camera,
     time / weather aligned across the views, joined; ``fallback`` for views without entries; "" for the empty slot."""
     missing = object()  # Not None: a null value in the file is an (empty) entry, as readers.format_caption reads it.
-    entries = []
-    for cam in VIEW_CAMERAS:
-      rows = self._captions.get((scene, cam)) if cam is not None else None
-      if rows is None:
-        entries.append(missing)
-        continue
-      times, values = rows
-      entries.append(values[int(readers.nearest_indices(times, np.array([timestamp_us], np.int64))[0])])
+    entries = [self._captions.nearest((scene, cam), timestamp_us, missing) for cam in VIEW_CAMERAS]
     aligned = readers.align_caption_fields(entries)
     return np.array(["" if cam is None else fallback if e is missing else readers.format_caption(e)
                      for cam, e in zip(VIEW_CAMERAS, aligned)], dtype=object)
