@@ -206,9 +206,10 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   if storm_vae_config is not None and not storm_vae_params:
     raise ValueError("--storm_vae_config without --storm_vae_params: give the STORM-VAE params file to decode with "
                      "(python -m cvd_storm_jax.export_params), or drop the config")
+  stask = None
   if storm_vae_params:
     # Fail (or warn about mismatched latents) before sampling, not after.
-    _storm_task(storm_vae_config, num_frames, C, config.latents, storm_vae_params)
+    stask = _storm_task(storm_vae_config, num_frames, C, config.latents, storm_vae_params)
   if params is None:
     params = load_checkpoint_params(checkpoint)
   latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
@@ -230,8 +231,8 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
       masked = np.where(view_mask[b][None, :, None, None, None], rgb[b], 0).astype(np.uint8)
       write_mp4(os.path.join(out_dir, f"sample{b}_mosaic.mp4"), mosaic(masked), fps)
       written.append(f"sample{b}_mosaic.mp4")
-  if storm_vae_params:
-    written += _storm_outputs(storm_vae_config, storm_vae_params, host, latents, out_dir, fps, num_frames)
+  if stask is not None:
+    written += _storm_outputs(stask, storm_vae_params, host, latents, out_dir, fps, num_frames)
   summary = dict(checkpoint=str(checkpoint), num_steps=num_steps, guidance=guidance, num_frames=num_frames,
                  window=window, window_starts=starts, reference_frames=k,
                  ground_truth_reference=ground_truth_reference, seed=seed, latent_shape=list(latents.shape),
@@ -268,7 +269,7 @@ def _storm_task(storm_config: Any, num_frames: int, latent_channels: int, dit_la
   return stask
 
 
-def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any], latents: np.ndarray, out_dir: str,
+def _storm_outputs(stask: Any, params_path: str, host: Mapping[str, Any], latents: np.ndarray, out_dir: str,
                    fps: float, num_frames: int) -> list[str]:
   """Decodes the generated latents with the STORM-VAE GS decoder, as the paper decodes generated video (App. 6.1.2):
   sliding windows of n adjacent frames (n = the STORM config's number of context frames: 4 for the paper's), each
@@ -284,7 +285,6 @@ def _storm_outputs(storm_config: Any, params_path: str, host: Mapping[str, Any],
   from cvd_storm_jax.models.gs_decoder import flatten, gaussians_at
   from cvd_storm_jax.models.storm_vae import StormVAE
 
-  stask = _storm_task(storm_config, num_frames, latents.shape[-1])
   n = len(stask.context_frames)
   window_task = copy.copy(stask)
   window_task.context_frames = window_task.target_frames = tuple(range(n))

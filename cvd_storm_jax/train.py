@@ -184,10 +184,11 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # The workdir may be a local path or a bucket (gs://..., through etils.epath; TensorBoard events through
   # tensorboardX's own gs:// writer; checkpoints through Orbax): every file the run writes goes to it.
   from etils import epath
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
   if is_main:
     _write_config(config, workdir)
-    (epath.Path(workdir) / "final_metrics.json").unlink(missing_ok=True)  # this run writes its own, or none
+    (workdir_path / "final_metrics.json").unlink(missing_ok=True)  # this run writes its own, or none
 
   # ------------------------------------------------------------------------------------------------------------------
   # Mesh.
@@ -209,15 +210,13 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   task = tasks.get_task(config)
 
-  def new_iterator():
-    return pipeline.make_iterator(config.data, seed=config.seed, process_index=jax.process_index(),
+  def new_iterator(data_config=config.data):
+    return pipeline.make_iterator(data_config, seed=config.seed, process_index=jax.process_index(),
                                   process_count=jax.process_count())
 
   probe = task.device_batch(next(new_iterator()))  # a throw-away iterator: shapes only, the real one stays unread
   if len(config.data.buckets) > 1:  # memory is sized for the largest bucket, whichever the first batch draws
-    largest = task.device_batch(next(pipeline.make_iterator(
-        pipeline.largest_bucket_config(config.data), seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())))
+    largest = task.device_batch(next(new_iterator(pipeline.largest_bucket_config(config.data))))
   else:
     largest = probe
 
@@ -332,7 +331,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # Logging and preemption.
   # ------------------------------------------------------------------------------------------------------------------
   writer = None
-  metrics_file = epath.Path(workdir) / "metrics.jsonl"  # one JSON line per logged step, earlier runs' lines kept
+  metrics_file = workdir_path / "metrics.jsonl"  # one JSON line per logged step, earlier runs' lines kept
   metrics_lines = metrics_file.read_text() if is_main and metrics_file.exists() else ""
   if is_main:
     from tensorboardX import SummaryWriter
@@ -437,7 +436,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       writer.close()
 
   if is_main and last:
-    _write_text(epath.Path(workdir) / "final_metrics.json", json.dumps(last, indent=1))
+    _write_text(workdir_path / "final_metrics.json", json.dumps(last, indent=1))
     print(f"{'preempted at' if last.get('preempted') else 'final'} step {last['step']}: loss {last['loss']:.6f}",
           flush=True)
   return last

@@ -237,7 +237,7 @@ def test_generate_end_to_end(tmp_path, caplog):
   host = next(pipeline.make_iterator(c.data, seed=c.seed))
   two = str(tmp_path / "two_windows")
   os.makedirs(two)
-  gen._storm_outputs(one, storm_params, host, latents, two, 10.0, 2)
+  gen._storm_outputs(gen._storm_task(one, 2, 16), storm_params, host, latents, two, 10.0, 2)
   with av.open(os.path.join(two, "sample0_depth.mp4")) as container:
     windowed = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
   assert len(windowed) == 2 and windowed[0].std() > 0 and windowed[1].std() > 0
