@@ -124,7 +124,9 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
       stats["fvd"].update(extract["fvd"](fvd_clips(video, view_mask, first, fvd_frames)))
 
   process, processes = jax.process_index(), jax.process_count()
-  it = pipeline.make_iterator(data, seed=config.seed, process_index=process, process_count=processes)
+  # One pass: no clip counted twice when num_batches asks for more than the data holds.
+  it = pipeline.make_iterator(data, seed=config.seed, process_index=process, process_count=processes,
+                              single_pass=True)
   done = 0
   for n in range(num_batches):
     try:

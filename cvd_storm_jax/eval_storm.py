@@ -17,7 +17,7 @@ non-context frame of the clip, all real views.
 
 Command:
   python -m cvd_storm_jax.eval_storm --config=configs/storm_vae.py:tiny --checkpoint=WORKDIR_OR_PARAMS --out=DIR \
-      [--num_batches=4] [--ply_time=0.0]
+      [--num_batches=4 (0 = every clip once)] [--ply_time=0.0]
 writes DIR/metrics.json, DIR/renders/{clip}_t{frame}_v{view}_{rgb,depth,gt}.png, DIR/{clip}_{rgb,depth}.mp4 (all
 views side by side over the target frames) and DIR/{clip}.ply (the Gaussians at --ply_time seconds).
 
@@ -316,7 +316,8 @@ def write_outputs(out_dir: str, res: Mapping[str, Any], clip_ids: list[str], *, 
 
 def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4, ply_time: float = 0.0,
              write_media: bool = True, params: Any = None) -> dict[str, Any]:
-  """Runs the eval over ``num_batches`` batches of ``config.data`` and writes out_dir/metrics.json (+ media)."""
+  """Runs the eval over ``num_batches`` batches of ``config.data`` (0: all of it) and writes out_dir/metrics.json
+  (+ media). One pass: each clip is evaluated at most once (``pipeline.make_iterator(single_pass=True)``)."""
   import jax
 
   from cvd_storm_jax import tasks
@@ -327,25 +328,30 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4
   lpips_fn = task.lpips_fn(params) if "lpips" in params else None
   if lpips_fn is not None:
     lpips_fn = jax.jit(lpips_fn)
-  it = pipeline.make_iterator(config.data, seed=config.seed)
+  if num_batches < 0:
+    raise ValueError(f"--num_batches={num_batches}: give a positive number of batches, or 0 for the whole data")
+  it = pipeline.make_iterator(config.data, seed=config.seed, single_pass=True)
   per_image: dict[str, list] = {}
-  overflow = done = 0
+  overflow = 0
   os.makedirs(out_dir, exist_ok=True)
-  for n in range(num_batches):
+  n = 0
+  while num_batches == 0 or n < num_batches:
     try:
       host = next(it)
     except StopIteration:
+      if num_batches:
+        log.warning("the data ended after %d of %d batches", n, num_batches)
       break
-    done += 1
+    n += 1
     res = evaluate_batch(task, params, task.device_batch(host))
     overflow += res["overflow"]
     for k, x in batch_metrics(res, lpips_fn).items():
       per_image.setdefault(k, []).append(np.asarray(x, np.float64))
     if write_media:
       fps = float(np.asarray(host["fps"]).reshape(-1)[0]) if "fps" in host else 5.0
-      write_outputs(out_dir, res, list(host.get("clip_id", [f"batch{n}_{i}" for i in range(len(res["rgb01"]))])),
+      write_outputs(out_dir, res, list(host.get("clip_id", [f"batch{n - 1}_{i}" for i in range(len(res["rgb01"]))])),
                     fps=fps, ply_time=ply_time, max_depth=float(task.gs_config.far))
-  summary = dict(_summary(per_image), batches=done, rasterizer_overflow=overflow, checkpoint=str(checkpoint))
+  summary = dict(_summary(per_image), batches=n, rasterizer_overflow=overflow, checkpoint=str(checkpoint))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
@@ -367,7 +373,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/storm_vae.py:tiny.", lock_config=False)
   flags.DEFINE_string("checkpoint", None, "Trainer workdir, its checkpoints/ folder, or a save_params folder.")
   flags.DEFINE_string("out", None, "Output folder.")
-  flags.DEFINE_integer("num_batches", 4, "Batches of config.data to evaluate.")
+  flags.DEFINE_integer("num_batches", 4, "Batches of config.data to evaluate (0: the whole data, one pass).")
   flags.DEFINE_float("ply_time", 0.0, "Time (s since the first context frame) of the exported Gaussians.")
   flags.DEFINE_bool("no_media", False, "Skip PNG/MP4/PLY outputs (metrics only).")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])

@@ -2,7 +2,8 @@ r"""Samples multi-view driving video from a trained CVD-STORM DiT (cvd_storm_off
 
   python -m cvd_storm_jax.generate --config=configs/dit.py:tiny --checkpoint=/tmp/cvd_tiny --out=/tmp/cvd_tiny/gen \
       [--num_steps=40 --guidance=4 --num_frames=N --window=19 --reference_frames=3 --ground_truth_reference \
-       --seed=0 --storm_vae_config=configs/storm_vae.py:tiny --storm_vae_params=/ckpt/storm_vae_params]
+       --seed=0 --storm_vae_config=configs/storm_vae.py:tiny --storm_vae_params=/ckpt/storm_vae_params \
+       --allow_foreign_latents]
 
 Conditions (captions, box/map layouts, cameras) come from one batch of the config's data pipeline; params from a
 trainer workdir, its checkpoints/ folder or a params file (``eval_storm.load_checkpoint_params``). Sampling: Euler over
@@ -14,7 +15,8 @@ Writes to --out: ``latents.npy`` [B, T, V, h, w, C]; per sample and view ``sampl
 view slots ``sample{b}_mosaic.mp4`` (2 rows); with --storm_vae_params, per sample ``sample{b}_depth.mp4`` (depth
 renders of the STORM-VAE GS decoder into the clip's own cameras, views side by side, decoded in sliding windows of
 adjacent frames as the paper does) and ``sample{b}.ply`` (the first window's Gaussians at its first frame), meaningful for a DiT trained on that export's latents (latents.kind "vae",
-latents.vae_from = the export; other latents are decoded with a warning). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
+latents.vae_from = the export; other latents are refused unless --allow_foreign_latents, which decodes them with a
+warning and ``"storm_latents_match": false`` in generate.json). RGB decoding: latents.kind "vae" -> the VAE decoder of ``latents.vae_from``
 (or --vae_from); "pixel_unshuffle" -> the fixed projection's transpose then pixel shuffle, which is the exact
 least-squares inverse because the projection has orthonormal columns (the 192 - C directions it drops are lost);
 "precomputed" needs --vae_from (a diffusers VAE folder or params file), otherwise only latents.npy is written.
@@ -188,7 +190,7 @@ class ClipSampler:
 def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40, guidance: float = 4.0,
              num_frames: int = 0, window: int = 0, reference_frames: int = 3, ground_truth_reference: bool = False,
              seed: int = 0, vae_from: str = "", storm_vae_config: Any = None, storm_vae_params: str = "",
-             params: Any = None) -> dict[str, Any]:
+             allow_foreign_latents: bool = False, params: Any = None) -> dict[str, Any]:
   """Generates one batch of clips and writes the outputs listed in the module docstring. Returns a summary dict."""
   from cvd_storm_jax import tasks
   from cvd_storm_jax.data_pipelines import pipeline
@@ -206,10 +208,19 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
   if storm_vae_config is not None and not storm_vae_params:
     raise ValueError("--storm_vae_config without --storm_vae_params: give the STORM-VAE params file to decode with "
                      "(python -m cvd_storm_jax.export_params), or drop the config")
-  stask = None
+  stask, storm_match = None, None
   if storm_vae_params:
     # Fail (or warn about mismatched latents) before sampling, not after.
-    stask = _storm_task(storm_vae_config, num_frames, C, config.latents, storm_vae_params)
+    stask = _storm_task(storm_vae_config, num_frames, C)
+    storm_match = storm_latents_match(config.latents, storm_vae_params)
+    if not storm_match:
+      message = (f"the DiT's latents (latents.kind={config.latents.kind}, vae_from="
+                 f"{config.latents.get('vae_from', '')!r}) are not those of the STORM-VAE export {storm_vae_params!r}: "
+                 "its GS decoder would turn them into Gaussians and depth without meaning (train the DiT with "
+                 f"--config.latents.kind=vae --config.latents.vae_from={storm_vae_params})")
+      if not allow_foreign_latents:
+        raise ValueError(message + "; --allow_foreign_latents decodes them anyway, to try the path out")
+      log.warning("%s; decoding anyway (--allow_foreign_latents): the outputs show the pipeline only", message)
   if params is None:
     params = load_checkpoint_params(checkpoint)
   latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
@@ -237,26 +248,23 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
                  window=window, window_starts=starts, reference_frames=k,
                  ground_truth_reference=ground_truth_reference, seed=seed, latent_shape=list(latents.shape),
                  files=written)
+  if storm_match is not None:
+    summary["storm_latents_match"] = storm_match
   with open(os.path.join(out_dir, "generate.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
 
 
-def _storm_task(storm_config: Any, num_frames: int, latent_channels: int, dit_latents: Any = None,
-                storm_params: str = "") -> Any:
-  """The STORM-VAE task of --storm_vae_config, checked against the clip to generate (before any sampling).
+def storm_latents_match(dit_latents: Any, storm_params: str) -> bool:
+  """Whether the DiT's latents are the STORM-VAE export's: the GS decoder reads the STORM-VAE encoder's latents, so
+  only a DiT trained on them (latents.kind "vae" with latents.vae_from = that export) gives Gaussians with meaning."""
+  vae_from = str(dit_latents.get("vae_from", "") or "")
+  return dit_latents.kind == "vae" and bool(vae_from) and os.path.abspath(vae_from) == os.path.abspath(storm_params)
 
-  The GS decoder reads the STORM-VAE encoder's latents: only a DiT trained on them (latents.kind "vae" with
-  latents.vae_from = that export) gives Gaussians with meaning. Other latents decode without error into Gaussians
-  and depth that show the plumbing only; that is said, loudly."""
+
+def _storm_task(storm_config: Any, num_frames: int, latent_channels: int) -> Any:
+  """The STORM-VAE task of --storm_vae_config, checked against the clip to generate (before any sampling)."""
   from cvd_storm_jax import tasks
-  if dit_latents is not None:
-    kind, vae_from = dit_latents.kind, str(dit_latents.get("vae_from", "") or "")
-    if kind != "vae" or os.path.abspath(vae_from or "-") != os.path.abspath(storm_params or "+"):
-      log.warning("the DiT's latents (latents.kind=%s, vae_from=%r) are not those of the STORM-VAE export %r: the "
-                  "decoded Gaussians and depth show the pipeline, not the generated scene's geometry (train the DiT "
-                  "with --config.latents.kind=vae --config.latents.vae_from=%s)", kind, vae_from, storm_params,
-                  storm_params)
   if storm_config is None or storm_config.get("task") != "storm_vae":
     raise ValueError("--storm_vae_params needs --storm_vae_config (a STORM-VAE config describing its architecture)")
   stask = tasks.get_task(storm_config)
@@ -340,7 +348,8 @@ def main(argv):
   summary = generate(f.config, f.checkpoint, f.out, num_steps=f.num_steps, guidance=f.guidance,
                      num_frames=f.num_frames, window=f.window, reference_frames=f.reference_frames,
                      ground_truth_reference=f.ground_truth_reference, seed=f.seed, vae_from=f.vae_from,
-                     storm_vae_config=f.storm_vae_config, storm_vae_params=f.storm_vae_params)
+                     storm_vae_config=f.storm_vae_config, storm_vae_params=f.storm_vae_params,
+                     allow_foreign_latents=f.allow_foreign_latents)
   print(json.dumps(summary), flush=True)
 
 
@@ -361,6 +370,8 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_string("vae_from", "", "VAE to decode with (default: latents.vae_from).")
   flags.DEFINE_string("storm_vae_params", "", "A STORM-VAE params file (export_params): Gaussians + depth renders.")
+  flags.DEFINE_bool("allow_foreign_latents", False, "Decode with --storm_vae_params even when the DiT was not "
+                    "trained on that export's latents (the outputs then show the pipeline only).")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
 

@@ -48,8 +48,13 @@ API:
                                    frame_stride=, num_views=) -- it must accept **unused for the ones it ignores.
                                    Items are schema samples (T = num_frames, V = num_views, any resolution).
                                    "arrayrecord" (arrayrecord_source.make_source) is imported on first use.
-  make_dataset(config, *, seed, process_index=0, process_count=1) -> grain.IterDataset of batches
-  make_iterator(config, *, seed, process_index=0, process_count=1) -> grain.DatasetIterator (get_state/set_state)
+  make_dataset(config, *, seed, process_index=0, process_count=1, single_pass=False) -> grain.IterDataset of batches
+                                   endless (every source re-shuffled each epoch) for training; ``single_pass``
+                                   (evaluation): each clip at most once, then StopIteration; the clips past the
+                                   last whole global batch are left out, counted in the log, so that every process
+                                   yields the same number of batches.
+  make_iterator(config, *, seed, process_index=0, process_count=1, single_pass=False) -> grain.DatasetIterator
+                                   (get_state/set_state)
   bucket_for_batch(config, seed, batch_index) -> int      the bucket index of (global) batch ``batch_index``
   largest_bucket_config(config) -> dict                    the config drawing only its largest bucket (memory sizing)
   default_data_config(kind) -> ConfigDict                  "tiny" or "paper" (tuples, so that the command line
@@ -304,8 +309,8 @@ def _local_batch(config: Mapping[str, Any], process_count: int) -> int:
   return batch_size // process_count
 
 
-def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0, process_count: int = 1,
+                 single_pass: bool = False) -> grain.IterDataset:
   """The batched, sharded, prefetched clip dataset of this process (see module docstring)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -324,12 +329,25 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
     if len(source) == 0:
       raise ValueError(f"data source {name!r} (root {root or config.get('root', '')!r}) is empty")
     # Global shuffle, re-shuffled every epoch (repeat passes the epoch through to the shuffle).
-    ds = grain.MapDataset.source(source).shuffle(seed=(shuffle_seed * 1000003 + k) % 2**32).repeat()
-    datasets.append(ds)
+    ds = grain.MapDataset.source(source).shuffle(seed=(shuffle_seed * 1000003 + k) % 2**32)
+    datasets.append(ds if single_pass else ds.repeat())
     weights.append(float(weight))
   if any(w < 0 for w in weights) or sum(weights) <= 0:
     raise ValueError(f"data config mix weights must be >= 0 with a positive sum, got {weights}")
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  if single_pass:
+    # A mix of finite sources ends when its first source runs out; the tail that fills no whole global batch is
+    # left out, so that all processes yield the same number of batches (a collective would wait forever otherwise).
+    total = sum(len(d) for d in datasets)
+    kept = len(ds) // int(config["batch_size"]) * int(config["batch_size"])
+    if kept == 0:
+      raise ValueError(f"data config batch_size={config['batch_size']} is larger than the {len(ds)} clips a single "
+                       f"pass over {mix} yields")
+    if kept < total:
+      logging.warning("single pass over %s: %d of %d clips in %d global batches of %d (%d left out: the mix's end "
+                      "or a partial last batch)", mix, kept, total, kept // int(config["batch_size"]),
+                      int(config["batch_size"]), total - kept)
+    ds = ds[:kept]
   # Process p takes positions p, p + P, ...: local batch k of every process together forms global batch k.
   ds = ds[process_index::process_count]
   ds = ds.map_with_index(_Processor(config, seed, local_batch))
@@ -353,10 +371,11 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
   return it_ds
 
 
-def make_iterator(config: Mapping[str, Any], *, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
+def make_iterator(config: Mapping[str, Any], *, seed: int, process_index: int = 0, process_count: int = 1,
+                  single_pass: bool = False) -> grain.DatasetIterator:
   """A checkpointable iterator over ``make_dataset``: ``get_state()`` / ``set_state(state)`` resume exactly."""
-  return iter(make_dataset(config, seed=seed, process_index=process_index, process_count=process_count))
+  return iter(make_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
+                           single_pass=single_pass))
 
 
 def default_data_config(kind: str) -> ml_collections.ConfigDict:

@@ -145,6 +145,25 @@ def test_processes_get_disjoint_slices_of_the_global_batch():
     pipeline.make_dataset(c, seed=0, process_index=0, process_count=3)
 
 
+def test_single_pass_sees_each_clip_once_and_ends_together(caplog):
+  """Evaluation's single pass: every clip at most once, the partial last global batch left out (logged), and every
+  process stops after the same number of batches."""
+  c = _config(mix=[("tagged_b", 1.0)], batch_size=4)
+  with caplog.at_level("WARNING"):
+    batches = list(pipeline.make_iterator(c, seed=2, single_pass=True))
+  ids = sum(_ids(batches), [])
+  assert len(batches) == 7 and len(set(ids)) == 28  # 30 clips: 7 global batches of 4, 2 left out
+  assert "2 left out" in caplog.text
+  parts = [_ids(pipeline.make_iterator(c, seed=2, process_index=p, process_count=2, single_pass=True)) for p in (0, 1)]
+  assert len(parts[0]) == len(parts[1]) == 7
+  assert [sorted(a + b) for a, b in zip(*parts)] == [sorted(b) for b in _ids(batches)]
+  mixed = sum(_ids(pipeline.make_iterator(_config(mix=[("tagged_a", 1.0), ("tagged_b", 1.0)], batch_size=4), seed=0,
+                                          single_pass=True)), [])
+  assert len(mixed) == len(set(mixed)) and len(mixed) % 4 == 0
+  with pytest.raises(ValueError, match="larger than"):
+    pipeline.make_dataset(_config(mix=[("tagged_b", 1.0)], batch_size=32), seed=0, single_pass=True)
+
+
 def test_deterministic_and_seeded():
   c = _config(mix=[("tagged_a", 1.0)], buckets=[(16, 32, 0.5), (32, 56, 0.5)])
   a = _take(pipeline.make_iterator(c, seed=1), 4)

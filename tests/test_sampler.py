@@ -196,11 +196,17 @@ def test_generate_end_to_end(tmp_path, caplog):
   workdir, out = str(tmp_path / "wd"), str(tmp_path / "gen")
   train(c, workdir)
   storm_cfg, storm_params = _random_storm_vae(c, str(tmp_path / "storm_params"))
+  # Pixel-unshuffle latents are not the STORM-VAE's: refused before sampling, decoded only when asked, and said.
+  with pytest.raises(ValueError, match="allow_foreign_latents"):
+    gen.generate(c, workdir, out, num_steps=2, storm_vae_config=storm_cfg, storm_vae_params=storm_params)
   with caplog.at_level(logging.WARNING, logger="cvd_storm_jax.generate"):
     summary = gen.generate(c, workdir, out, num_steps=2, guidance=4.0, reference_frames=1,
                            ground_truth_reference=True, seed=0, storm_vae_config=storm_cfg,
-                           storm_vae_params=storm_params)
-  assert "show the pipeline" in caplog.text  # pixel-unshuffle latents are not the STORM-VAE's: said, not silent
+                           storm_vae_params=storm_params, allow_foreign_latents=True)
+  assert "show the pipeline only" in caplog.text and summary["storm_latents_match"] is False
+  matched = c.copy_and_resolve_references()
+  matched.latents.kind, matched.latents.vae_from = "vae", storm_params
+  assert gen.storm_latents_match(matched.latents, storm_params + "/")
   assert summary["window_starts"] == [0]
   latents = np.load(os.path.join(out, "latents.npy"))
   assert latents.shape == (1, 2, 6, 4, 8, 16) and np.isfinite(latents).all()

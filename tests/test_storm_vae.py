@@ -5,6 +5,7 @@ metrics.
 One jitted function (the two loss terms, each with its gradient, weighted by traced scalars) is compiled once per
 module and reused by every test, overfit included: compilation dominates on CPU.
 """
+import json
 import os
 import sys
 
@@ -284,6 +285,19 @@ def test_eval_outputs(env, tmp_path):
   ply = eval_storm.read_ply(str(tmp_path / "a.ply"))
   assert len(ply["means"]) == 2 * V * H * W  # every Gaussian of the multi-view sample has opacity > 0
   assert len(eval_storm.read_ply(str(tmp_path / "b.ply"))["means"]) == 2 * 1 * H * W
+
+
+def test_evaluate_is_one_pass(env, tmp_path):
+  """eval_storm.evaluate reads each clip at most once: asked for 5 batches of a 3-clip split at batch 2, it evaluates
+  the one whole batch (it used to cycle the data and count clips twice)."""
+  cfg = _config()
+  cfg.data.num_clips, cfg.data.batch_size = 3, 2
+  params = {k: v for k, v in env["params"].items() if k != "lpips"}
+  summary = eval_storm.evaluate(cfg, "in-memory", str(tmp_path), num_batches=5, write_media=False, params=params)
+  assert summary["batches"] == 1
+  assert json.load(open(tmp_path / "metrics.json"))["batches"] == 1
+  with pytest.raises(ValueError, match="num_batches"):
+    eval_storm.evaluate(cfg, "in-memory", str(tmp_path), num_batches=-1, params=params)
 
 
 def test_init_from_vae_folder(tmp_path):
