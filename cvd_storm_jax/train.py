@@ -76,10 +76,10 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
   """config.model.remat_policy = "auto": the least-recomputing policy whose per-device memory fits (memory.py).
 
   Per device: the state as sharded (params, gradients, optimizer moments; with gradient accumulation one more
-  gradient, the running sum) plus the activations the backward pass keeps, measured by tracing the task's loss at
-  one microbatch (the global batch / accum) of the largest bucket and divided by the data-parallel size (the batch
-  is split over data x fsdp; tensor parallelism, not counted, only lowers it). The budget is the allocator's limit
-  of the first device, or config.memory_budget_gib when set.
+  gradient, the running sum) plus the activations the backward pass keeps, measured by tracing the task's loss on
+  one device's share of one microbatch (global batch / (accum x data x fsdp)) of the largest bucket: values that do
+  not scale with the batch count whole, as each device holds them (tensor parallelism, not counted, only lowers the
+  rest). The budget is the allocator's limit of the first device, or config.memory_budget_gib when set.
   """
   import flax.linen as nn
   import jax
@@ -90,14 +90,14 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
   state_bytes = memory.train_state_bytes(abstract_params, abstract_opt, param_shardings, opt_shardings)
   if accum > 1:
     state_bytes += memory.nbytes(abstract_params, param_shardings)
-    abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((s.shape[0] // accum,) + s.shape[1:], s.dtype),
-                                  abstract_batch)
+  # The trainer has checked that the batch splits into accum x dp equal parts.
+  per_device = max(jax.tree.leaves(abstract_batch)[0].shape[0] // (accum * sharding.data_parallel_size(mesh)), 1)
+  abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct((per_device,) + s.shape[1:], s.dtype), abstract_batch)
   budget = int(config.get("memory_budget_gib", 0) * 2 ** 30) or memory.device_memory_bytes(mesh.devices.flat[0])
   if not budget:
     log.warning("remat_policy=auto: the device reports no memory limit and config.memory_budget_gib is 0; using "
                 "'full'")
     return "full"
-  dp = sharding.data_parallel_size(mesh)
   rng, step = jax.random.key(0), np.int32(0)
 
   def activation_bytes(policy):
@@ -106,9 +106,8 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
       trial.model.remat_policy = policy
     task = tasks.get_task(trial)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      total = memory.saved_activation_bytes(lambda p, b: task.loss_fn(p, b, rng, step)[0], abstract_params,
-                                            abstract_batch)
-    return total // dp
+      return memory.saved_activation_bytes(lambda p, b: task.loss_fn(p, b, rng, step)[0], abstract_params,
+                                           abstract_batch)
 
   policy, measured = memory.choose_remat_policy(activation_bytes, state_bytes, budget)
   log.info("remat_policy auto -> %s (per device: state %.1f GiB, activations %.1f GiB, budget %.1f GiB)", policy,
