@@ -65,9 +65,9 @@ def _check(means, quats, scales, opacities, features, viewmats, Ks, background):
   if features.ndim != 2 or features.shape[0] != n or features.shape[1] < 1:
     raise ValueError(f"rasterize: features has shape {tuple(features.shape)}, expected ({n}, C >= 1)")
   k = viewmats.shape[0]
-  if tuple(viewmats.shape) != (k, 4, 4) or tuple(Ks.shape) != (k, 3, 3):
+  if tuple(viewmats.shape) != (k, 4, 4) or tuple(Ks.shape) != (k, 3, 3) or k < 1:
     raise ValueError(f"rasterize: viewmats {tuple(viewmats.shape)} / Ks {tuple(Ks.shape)}, expected (K, 4, 4) / "
-                     f"(K, 3, 3) with the same K")
+                     f"(K, 3, 3) with the same K >= 1")
   c = features.shape[1]
   if background is not None and tuple(background.shape) not in ((c,), (k, c)):
     raise ValueError(f"rasterize: background has shape {tuple(background.shape)}, expected ({c},) or ({k}, {c})")
@@ -89,8 +89,20 @@ def rasterize(means, quats, scales, opacities, features, viewmats, Ks, width: in
     interpret = jax.default_backend() != "gpu"
   if pallas_reduction not in PALLAS_REDUCTIONS:
     raise ValueError(f"rasterize: pallas_reduction={pallas_reduction!r}, expected one of {PALLAS_REDUCTIONS}")
-  if backend == "pallas" and chunk & (chunk - 1):
-    raise ValueError(f"rasterize: chunk={chunk} must be a power of two for the Pallas backend")
+  for name, value in (("width", width), ("height", height), ("tile_size", tile_size), ("chunk", chunk)):
+    if int(value) < 1:
+      raise ValueError(f"rasterize: {name}={value} must be >= 1")
+  if capacity is not None and int(capacity) < 1:
+    raise ValueError(f"rasterize: capacity={capacity} must be >= 1 (None: default_capacity)")
+  if not 0 < float(near) < float(far):
+    # z = 0 divides by zero in the projection; behind the camera (z < 0) nothing is drawn correctly.
+    raise ValueError(f"rasterize: near={near}, far={far}: need 0 < near < far")
+  if backend == "pallas":
+    # Triton's block reductions run over chunk splats and tile_size^2 pixel lanes: both must be powers of two.
+    if chunk & (chunk - 1):
+      raise ValueError(f"rasterize: chunk={chunk} must be a power of two for the Pallas backend")
+    if tile_size & (tile_size - 1):
+      raise ValueError(f"rasterize: tile_size={tile_size} must be a power of two for the Pallas backend")
   return _rasterize_jit(means, quats, scales, opacities, features, viewmats, Ks, background, width=int(width),
                         height=int(height), near=float(near), far=float(far), backend=backend,
                         tile_size=int(tile_size), capacity=None if capacity is None else int(capacity),

@@ -130,7 +130,7 @@ def _fwd_kernel(start_ref, end_ref, mx_ref, my_ref, ca_ref, cb_ref, cc_ref, op_r
   def body(carry):
     c, _, *state = carry
     state = jax.lax.fori_loop(0, chunk, functools.partial(splat_step, c=c), tuple(state))
-    return (c + 1, jnp.sum(state[1].astype(jnp.int32))) + state
+    return (c + 1, jnp.sum(state[1], dtype=jnp.int32)) + state  # int32 also under jax_enable_x64 (the carry's type)
 
   init = (jnp.int32(0), jnp.int32(p), jnp.ones((p,), dt), jnp.ones((p,), jnp.bool_), jnp.zeros((p, cp), dt),
           jnp.zeros((p,), dt), jnp.full((p,), _BIG, jnp.int32))

@@ -3,7 +3,8 @@
 Pipeline (all static shapes, no host synchronisation):
 1. `projection.project` (plain JAX, differentiated by autodiff, so gradients also reach viewmats and Ks).
 2. `intersect`: each visible (camera, Gaussian) emits one entry per overlapped tile into a fixed `capacity` buffer
-   (`jnp.repeat` with `total_repeat_length`); entries beyond `capacity` are dropped and COUNTED (`overflow`).
+   (`jnp.repeat` with `total_repeat_length`); entries beyond `capacity` are dropped and COUNTED (`overflow`). The
+   running count saturates at COUNT_LIMIT (2^30 - 1) instead of wrapping int32: past it, `overflow` is a lower bound.
    Two stable uint32 radix sorts (by depth bits, then by camera*tiles + tile) give gsplat's (camera, tile, depth)
    order without 64-bit keys (x64 need not be on); per-tile [start, end) come from `searchsorted`.
 3. Per-tile compositing, here vectorised over all tiles: a `while_loop` over chunks of `chunk` sorted splats; inside
@@ -59,7 +60,7 @@ class Intersections(NamedTuple):
   tile_start: jax.Array  # [n_tiles] int32
   tile_end: jax.Array  # [n_tiles] int32
   total: jax.Array  # [] int32 intersections requested (may exceed capacity)
-  overflow: jax.Array  # [] int32 intersections dropped = max(total - capacity, 0)
+  overflow: jax.Array  # [] int32 intersections dropped = max(total - capacity, 0) (a lower bound once saturated)
 
 
 class Splats(NamedTuple):
@@ -84,9 +85,22 @@ def tile_counts(proj: pj.Projected, geom: Geometry):
   return x0, x1, y0, y1, (x1 - x0) * (y1 - y0)
 
 
+# Saturation point of the intersection counts: a running int32 sum wraps negative past 2^31 (the K x N x tiles of
+# large Gaussians at the STORM-VAE scale can get there), which would draw nothing and report no overflow; two
+# saturated partial sums still fit in int32.
+COUNT_LIMIT = 2 ** 30 - 1
+
+
+def _saturating_cumsum(counts: jax.Array) -> jax.Array:
+  """Inclusive prefix sums of non-negative int32 counts (each <= COUNT_LIMIT), saturating at COUNT_LIMIT."""
+  return jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, COUNT_LIMIT), counts)
+
+
 def count_intersections(proj: pj.Projected, geom: Geometry) -> jax.Array:
-  """Exact number of (camera, Gaussian, tile) intersections: call it eagerly to size `capacity`."""
-  return jnp.sum(tile_counts(proj, geom)[-1])
+  """Number of (camera, Gaussian, tile) intersections, saturating at COUNT_LIMIT: call it eagerly to size
+  `capacity`."""
+  counts = tile_counts(proj, geom)[-1].reshape(-1)
+  return _saturating_cumsum(counts)[-1] if counts.size else jnp.int32(0)
 
 
 def intersect(proj: pj.Projected, geom: Geometry, capacity: int) -> Intersections:
@@ -94,8 +108,12 @@ def intersect(proj: pj.Projected, geom: Geometry, capacity: int) -> Intersection
   k, n = proj.depths.shape
   kn = k * n
   x0, x1, y0, y1, counts = (a.reshape(-1) for a in tile_counts(proj, geom))
-  ends = jnp.cumsum(counts)
+  ends = _saturating_cumsum(counts) if kn else counts
   total = ends[-1] if kn else jnp.int32(0)
+  # Only the first `capacity` entries are kept: capping the ends there keeps every sum below (jnp.repeat's own
+  # cumsum included) exact, and leaves the entries that fit unchanged.
+  ends = jnp.minimum(ends, capacity)
+  counts = ends - jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]]) if kn else counts
   starts = ends - counts
   slot = jnp.arange(capacity, dtype=jnp.int32)
   if kn:

@@ -421,3 +421,33 @@ def test_bad_inputs_raise():
     K.rasterize(*s, W, H, backend="cuda")
   with pytest.raises(ValueError, match="pallas_reduction"):
     K.rasterize(*s, W, H, backend="xla", pallas_reduction="row")
+  for kwargs, match in ((dict(chunk=0), "chunk=0"), (dict(tile_size=0), "tile_size=0"), (dict(capacity=0), "capacity"),
+                        (dict(near=0.0), "near"), (dict(near=5.0, far=1.0), "near"),
+                        (dict(backend="pallas", tile_size=12), "tile_size=12 must be a power of two")):
+    with pytest.raises(ValueError, match=match):
+      K.rasterize(*s, W, H, **kwargs)
+  with pytest.raises(ValueError, match="K >= 1"):
+    K.rasterize(*s[:5], s[5][:0], s[6][:0], W, H)
+
+
+def test_pallas_runs_with_x64_enabled():
+  """The kernels' loop carries stay int32 under jax_enable_x64 (a sum promoted to int64 broke the while_loop)."""
+  with jax.enable_x64(True):
+    s = random_scene(1, n=30, k=1, c=3)
+    _close(K.rasterize(*s, 48, 32, backend="pallas").features, K.rasterize(*s, 48, 32, backend="xla").features, 1e-5,
+           "pallas under x64")
+
+
+def test_intersection_count_saturates_instead_of_wrapping():
+  """33,000 Gaussians covering all 65,536 1x1 tiles make 2.16e9 intersections, past int32: the running count used to
+  wrap negative, drawing nothing and reporting no overflow."""
+  n, side = 33_000, 256
+  means = jnp.asarray(np.stack([np.linspace(0, 1e-3, n)] * 2 + [np.full(n, 5.0)], -1), jnp.float32)
+  quats, scales = jnp.tile(jnp.array([[1.0, 0, 0, 0]]), (n, 1)), jnp.full((n, 3), 50.0)
+  cams = (jnp.eye(4)[None], jnp.array([[[100.0, 0, 128], [0, 100, 128], [0, 0, 1]]]))
+  geom = K.Geometry(1, side, side, 1, side, side, 32)
+  proj = jax.jit(K.project, static_argnums=(5, 6, 7, 8))(means, quats, scales, *cams, side, side, 0.2, 400.0)
+  assert int(K.count_intersections(proj, geom)) == K.tiled_xla.COUNT_LIMIT
+  out = K.rasterize(means, quats, scales, jnp.full((n,), 0.5), jnp.ones((n, 1)), *cams, side, side, backend="xla",
+                    tile_size=1, capacity=4096)
+  assert int(out.overflow) == K.tiled_xla.COUNT_LIMIT - 4096 and float(out.alpha.max()) > 0.4
