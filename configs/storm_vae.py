@@ -89,6 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.05
   c.optimizer.grad_clip = 3.0
 
+  c.num_devices = 0  # 0 = every device (all hosts); N = only the first N (single-host debugging)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if tiny else
                                      {"data": 1, "fsdp": -1, "tensor": 1})
   c.sharding_rules = sharding.default_rules()

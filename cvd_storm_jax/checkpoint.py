@@ -18,10 +18,18 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 from flax.core import meta
 
 log = logging.getLogger(__name__)
+
+
+def _path(path: Any) -> epath.Path:
+  """A local path made absolute, or a bucket URL (gs://...) kept as it is: os.path.abspath would turn
+  gs://b/run into $PWD/gs:/b/run, a local folder."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -29,7 +37,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------------
 def save_params(path: str, params: Any) -> None:
   """Writes a params pytree (host or device arrays; partitioning boxes are stripped) to ``path`` (a new directory)."""
-  path = os.path.abspath(path)
+  path = _path(path)
   params = jax.tree.map(np.asarray, meta.unbox(params))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params)
@@ -51,9 +59,9 @@ def _restore_to_host(directory: str, key: str | None = None) -> Any:
 
 def load_params(path: str) -> Any:
   """Reads a params pytree written by ``save_params`` as numpy arrays on the host."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"params checkpoint {path!r} does not exist")
+  path = _path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
   return _restore_to_host(path)
 
 
@@ -62,8 +70,16 @@ def merge_params(fresh: Any, loaded: Any, *, what: str = "init_from") -> tuple[A
 
   Every loaded leaf must exist in ``fresh`` with the same shape (else ValueError naming both); leaves of ``fresh``
   that ``loaded`` lacks keep their fresh initialisation and are returned as a list of '/'-joined paths.
+  A ``loaded`` tree that is one of ``fresh``'s top-level subtrees on its own (a bare SD3 transformer from the import
+  CLI run without --config, for the DiT's "dit") is placed there, as logged.
   """
-  flat_fresh = traverse_util.flatten_dict(meta.unbox(fresh), sep="/")
+  fresh = meta.unbox(fresh)
+  if isinstance(loaded, Mapping) and loaded and not set(loaded) <= set(fresh):
+    homes = [k for k, sub in fresh.items() if isinstance(sub, Mapping) and set(loaded) <= set(sub)]
+    if len(homes) == 1:
+      log.info("%s: the file holds a bare %r subtree; loading it there", what, homes[0])
+      loaded = {homes[0]: loaded}
+  flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
   flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
   errors = []
   for k, v in flat_loaded.items():
@@ -102,7 +118,9 @@ def make_manager(directory: str, *, max_to_keep: int, save_interval_steps: int =
   _replica_parallel_on_tpu_only()
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  if max_to_keep is not None and max_to_keep < 1:
+    raise ValueError(f"config.checkpoint.keep={max_to_keep}: keep at least 1 checkpoint (None keeps all)")
+  return ocp.CheckpointManager(_path(directory), options=options,
                                item_names=("state", "data"))
 
 
@@ -125,7 +143,17 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except FileNotFoundError as e:
+    if "process_" not in str(e):
+      raise
+    # grain keeps one iterator state per process (process_<i>-of-<n>.json): a run resumed over a different number
+    # of processes has no state for some of them, and a data order that would differ anyway.
+    raise ValueError(f"the checkpoint of step {step} in {manager.directory} was written by a different number of "
+                     f"processes than this run's {jax.process_count()} ({e}); resume with the same process count, "
+                     "or export its params (python -m cvd_storm_jax.export_params) and start a new workdir with "
+                     "--config.init_from=<the export>") from e
   log.info("restored checkpoint at step %d from %s", step, manager.directory)
   return step, restored["state"]
 
@@ -133,25 +161,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 def restore_params(path: str, step: int | None = None) -> tuple[int | None, Any]:
   """(step, params) from a trainer workdir, its ``checkpoints/`` folder (``step`` or the latest), or a params file
   written by ``save_params`` (step None). Host numpy arrays; no mesh needed."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint or params file at {path!r}")
-  if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and not any(
-      name.isdigit() for name in os.listdir(path)):
+  path = _path(path)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoint or params file at {str(path)!r}")
+  if (path / "_CHECKPOINT_METADATA").exists() and not any(p.name.isdigit() for p in path.iterdir()):
     return None, load_params(path)  # a params file
   manager = make_manager(path, max_to_keep=1_000_000, async_save=False)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {path!r}")
+      raise FileNotFoundError(f"no checkpoint in {str(path)!r}")
     if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {path!r} (steps: {sorted(manager.all_steps())})")
+      raise FileNotFoundError(f"no checkpoint of step {step} in {str(path)!r} (steps: {sorted(manager.all_steps())})")
   finally:
     manager.close()
   # Only the params, as host arrays (the optimizer state would take twice the params' memory for nothing).
-  params = _restore_to_host(os.path.join(path, str(step), "state"), "params")
+  params = _restore_to_host(path / str(step) / "state", "params")
   log.info("loaded params of step %d from %s", step, path)
   return step, params
 

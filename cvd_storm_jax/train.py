@@ -142,6 +142,26 @@ def mean_over_microbatches(value_and_grad: Callable, num: int, mesh: Any, param_
   return jax.tree.map(lambda x: x / num, total)
 
 
+def _check_config(config: Any) -> None:
+  """Values the loop divides by or counts with, checked before anything is built or compiled (a bad one used to
+  surface as a ZeroDivisionError after the first step had compiled)."""
+  positive = {"total_steps": config.total_steps, "log_every": config.log_every,
+              "checkpoint.every_steps": config.checkpoint.every_steps, "checkpoint.keep": config.checkpoint.keep}
+  if config.optimizer.schedule == "cosine":
+    positive["optimizer.lr"] = config.optimizer.lr
+  for key, value in positive.items():
+    if not value > 0:
+      raise ValueError(f"config.{key}={value!r} must be > 0")
+  for key, value in {"optimizer.warmup_steps": config.optimizer.warmup_steps,
+                     "max_consecutive_nonfinite": config.max_consecutive_nonfinite,
+                     "num_devices": config.get("num_devices", 0)}.items():
+    if not value >= 0:
+      raise ValueError(f"config.{key}={value!r} must be >= 0")
+  for axis, size in config.mesh.items():
+    if not (size == -1 or size >= 1):
+      raise ValueError(f"config.mesh.{axis}={size!r}: a size >= 1, or -1 for all remaining devices")
+
+
 def _init_distributed() -> None:
   """``jax.distributed.initialize()``. SLURM and Cloud TPU layouts are detected; anywhere else (plain machines,
   several processes on one machine) the environment gives them: JAX_COORDINATOR_ADDRESS (host:port of process 0),
@@ -176,6 +196,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   from cvd_storm_jax import sharding, tasks
   from cvd_storm_jax.data_pipelines import pipeline
 
+  _check_config(config)
   if os.environ.get("CVD_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
     _init_distributed()  # multi-host (set by launch/*): before any backend use
   jax.config.update("jax_threefry_partitionable", True)
@@ -187,7 +208,6 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   workdir_path.mkdir(parents=True, exist_ok=True)
   if is_main:
     _write_config(config, workdir)
-    (workdir_path / "final_metrics.json").unlink(missing_ok=True)  # this run writes its own, or none
 
   # ------------------------------------------------------------------------------------------------------------------
   # Mesh.
@@ -276,6 +296,12 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   if restored is not None:
     start_step, state = restored
     log.info("resumed at step %d", start_step)
+    if start_step >= config.total_steps:  # a finished run, started again: its results stay as they are
+      manager.close()
+      final = workdir_path / "final_metrics.json"
+      log.warning("the workdir's checkpoint is at step %d, total_steps=%d: nothing to train", start_step,
+                  config.total_steps)
+      return json.loads(final.read_text()) if final.exists() else {}
   else:
     start_step = 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -331,10 +357,17 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   writer = None
   metrics_file = workdir_path / "metrics.jsonl"  # one JSON line per logged step, earlier runs' lines kept
-  metrics_lines = metrics_file.read_text() if is_main and metrics_file.exists() else ""
+  metrics_lines = ""
+  if is_main:
+    (workdir_path / "final_metrics.json").unlink(missing_ok=True)  # this run writes its own, or none
+    if metrics_file.exists():
+      # Lines past the checkpoint resumed from were logged by steps that are run again now: dropped, not doubled.
+      metrics_lines = "".join(line + "\n" for line in metrics_file.read_text().splitlines()
+                              if line.strip() and json.loads(line)["step"] <= start_step)
   if is_main:
     from tensorboardX import SummaryWriter
-    writer = SummaryWriter(os.path.join(workdir, "tb"))
+    # purge_step: TensorBoard drops the earlier run's events from the resumed step on (they are logged again).
+    writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
   # Preemption. With jax.distributed, JAX's preemption notifier owns SIGTERM: a notice on any process makes every
   # process agree on one step to stop at (a Python handler here would replace the notifier, and processes stopping
   # at different steps would deadlock in the checkpoint's collectives). A single process handles the signal itself.
@@ -373,19 +406,26 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   profile_from, profile_steps = int(profile.get("start_step", 0)), int(profile.get("num_steps", 0))
   profile_dir, profiling = os.path.join(workdir, "tb"), False
   t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
+  # The host batch is this process's share: the counts are scaled to the global batch, and FLOPs are per mesh device.
+  processes, mesh_devices = jax.process_count(), mesh.size
+  previous_run = None  # the last step's non-finite run length, read one step late (see below)
   try:
     while step < total:
       if is_main and profile_steps and step == profile_from:
         jax.profiler.start_trace(profile_dir)
         profiling = True
       host = task.device_batch(next(data_iter))
-      flops_since += task.flops_per_step(host)
-      tokens_since += task.tokens_per_step(host)
+      flops_since += task.flops_per_step(host) * processes
+      tokens_since += task.tokens_per_step(host) * processes
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = update_fn(state, as_global(host), train_rng)
       step += 1
       steps_since += 1
       bar.update(1)
+      if step == start_step + 1:
+        # The first step compiles: it is left out of the throughput of the first logging window.
+        jax.block_until_ready(metrics)
+        t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
       if profiling and (step == profile_from + profile_steps or step == total):
         jax.block_until_ready(state)  # the trace holds the whole of its last step
         jax.profiler.stop_trace()
@@ -394,13 +434,19 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
       if after_step is not None:
         after_step(step)
       stop_preempted = preempted(step)
-      # One scalar every step, not only at log steps: a run of non-finite steps stops as soon as it passes the limit.
-      stop_nonfinite = int(metrics["nonfinite_run"]) > config.max_consecutive_nonfinite
-      if step % config.log_every == 0 or step == total or stop_preempted or stop_nonfinite:
+      # A run of non-finite steps stops once it passes the limit. The count is read one step late, the previous
+      # step's, which has finished by now: reading this step's would make the host wait for the device every step,
+      # and the next batch could no longer be prepared while the device computes. Skipped steps never touch the
+      # params, so stopping one step later changes nothing.
+      stop_nonfinite = previous_run is not None and int(previous_run) > config.max_consecutive_nonfinite
+      previous_run = metrics["nonfinite_run"]
+      log_now = step % config.log_every == 0 or step == total or stop_preempted or stop_nonfinite
+      if log_now:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = time.perf_counter() - t_last
-        metrics.update({"steps_per_s": steps_since / dt, "tokens_per_s": tokens_since / dt,
-                        "model_tflops_per_s_per_device": flops_since / dt / 1e12 / jax.device_count()})
+        if steps_since:  # none when only the compiling first step has run since the last log
+          dt = time.perf_counter() - t_last
+          metrics.update({"steps_per_s": steps_since / dt, "tokens_per_s": tokens_since / dt,
+                          "model_tflops_per_s_per_device": flops_since / dt / 1e12 / mesh_devices})
         t_last, steps_since, flops_since, tokens_since = time.perf_counter(), 0, 0.0, 0
         last = dict(metrics, step=step)
         if is_main:

@@ -180,7 +180,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, capfd):
   mngr.close()
   with open(os.path.join(split, "final_metrics.json")) as f:  # what launch/slurm_gpu.sbatch requeues on
     assert json.load(f)["preempted"] == 1
+  with open(os.path.join(split, "metrics.jsonl"), "a") as f:  # as if a crash came after a step past the checkpoint
+    f.write(json.dumps({"step": n + 1, "loss": -1.0}) + "\n")
   train_mod.train(config, split)
+  assert [m["step"] for m in _losses(split)] == list(range(1, 2 * n + 1))  # that step's line replaced, not doubled
+  finished = train_mod.train(config, split)  # a finished run started again: nothing trains, its results stay
+  assert finished["step"] == 2 * n and os.path.exists(os.path.join(split, "final_metrics.json"))
 
   def final_params(workdir):
     m = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=3, async_save=False)
@@ -228,6 +233,32 @@ def test_bad_config_value_exits_naming_it(tmp_path):
   assert "lr" in r.stderr and "fast" in r.stderr
 
 
+def test_bad_loop_values_stop_before_anything_is_built(tmp_path):
+  from cvd_storm_jax import train as train_mod
+  for key, value in (("log_every", 0), ("checkpoint.every_steps", 0), ("checkpoint.keep", 0), ("total_steps", 0),
+                     ("optimizer.lr", 0.0), ("optimizer.warmup_steps", -5), ("max_consecutive_nonfinite", -1),
+                     ("mesh.data", 0)):
+    config = tiny_config()
+    section, _, name = key.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+      train_mod.train(config, str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad")
+
+
+def test_checkpoint_paths_and_bare_init_from_trees(tmp_path):
+  """Bucket URLs stay URLs (os.path.abspath made gs://b/run a local folder $PWD/gs:/b/run); a params file holding
+  one top-level subtree of the model on its own (the SD3 import CLI without --config) is loaded into that subtree."""
+  assert str(ckpt_lib._path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
+  assert str(ckpt_lib._path("rel")) == os.path.abspath("rel")
+  fresh = {"dit": {"a": np.zeros(2), "b": {"c": np.zeros(3)}}, "vae": {"a": np.zeros(1)}}
+  merged, fresh_paths = ckpt_lib.merge_params(fresh, {"b": {"c": np.ones(3)}})
+  np.testing.assert_array_equal(merged["dit"]["b"]["c"], 1.0)
+  assert fresh_paths == ["dit/a", "vae/a"]
+  with pytest.raises(ValueError, match="does not exist in the model"):
+    ckpt_lib.merge_params(fresh, {"a": np.ones(2)})  # "a" fits both subtrees: ambiguous, not guessed
+
+
 def test_bad_mesh_is_reported():
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh({"data": 4, "fsdp": 4, "tensor": 1})
@@ -249,7 +280,8 @@ def test_nonfinite_step_never_reaches_params(tmp_path):
     train_mod.train(config, str(tmp_path))
   logged = _losses(str(tmp_path))
   assert all(not np.isfinite(m["loss"]) for m in logged)
-  assert logged[-1]["nonfinite_total"] == 3 and logged[-1]["step"] == 3
+  # The run passes the limit (2) at step 3 and stops at step 4: the count is read one step late (no host sync).
+  assert logged[-1]["nonfinite_total"] == 4 and logged[-1]["step"] == 4
   assert logged[-1]["lr"] == 0.0  # the rate the step applies: no update yet, so the warmup's first (0), not step 3's
   m = ckpt_lib.make_manager(os.path.join(str(tmp_path), "checkpoints"), max_to_keep=3, async_save=False)
   state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
