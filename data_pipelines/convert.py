@@ -12,18 +12,23 @@ Output (everything under OUT):
   scenes/<scene>.json           the scene's done marker: records per frame, its clips, skips per reason, sizes.
   index.json                    {"clips": {clip_id: {"scene", "frames": [[shard, record], ...]}}, "scenes": {...}}.
   summary.json                  counts: scenes, clips, records, and skipped items per reason.
+  settings.json                 the settings that shape the data (dataset, image size, clip frames / stride, reader
+                                args); a rerun with other settings is refused (it would reuse the old scenes).
 
 Scenes: Waymo segments and OpenDV videos are read frame by frame (``read_frame``), so every frame is stored once and
 clips are windows of ``--clip-frames`` consecutive stored frames every ``--clip-stride`` frames. Readers that only
-produce clip samples (nuScenes, Argoverse 2) are converted clip by clip (a "scene" is then one clip, made
-non-overlapping by default with a clip stride of clip_frames / fps).
+produce clip samples (nuScenes, Argoverse 2) are converted clip by clip (a "scene" is then one clip); their clips
+start every ``--clip-stride`` frames at the reader's own rate (default clip_frames: non-overlapping, every frame
+stored once; nuScenes ``keyframes_only`` runs at 2 fps). Synthetic clips have no stride (``--clip-stride`` refused).
 
 Robustness: a frame (or clip) whose reader raises ``ReaderError`` (corrupt image, missing sensor, truncated record,
-...) is skipped, logged and counted per reason; clips never span a skipped frame. Resumable: a scene's shard and map
-are written under tmp/ and renamed into place when complete, and its done marker is written last; a restart skips
-scenes with a marker and the index is rebuilt from all markers, so a kill at any point leaves nothing half-written
-that looks complete. ``--fail-after-scenes K`` (or env CVD_STORM_CONVERT_FAIL_AFTER=K) makes the (K+1)-th scene of
-this run raise after writing one record -- the tests use it to simulate a kill.
+...) is skipped, logged and counted per reason; clips never span a skipped frame. A scene that cannot be read at all
+(a Waymo segment whose first frame is damaged, a missing OpenDV video) is one ``unreadable_scene`` skip, with a done
+marker of no records, so that a rerun moves on. Resumable: a scene's shard and map are written under tmp/ and renamed
+into place when complete, and its done marker is written last; a restart skips scenes with a marker and the index is
+rebuilt from all markers, so a kill at any point leaves nothing half-written that looks complete.
+``--fail-after-scenes K`` (or env CVD_STORM_CONVERT_FAIL_AFTER=K) makes the (K+1)-th scene of this run raise after
+writing one record -- the tests use it to simulate a kill.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ JPEG_QUALITY = 95
 WRITER_OPTIONS = "group_size:1"
 FAIL_ENV = "CVD_STORM_CONVERT_FAIL_AFTER"
 CHUNK_FRAMES = 50  # Frames decoded per seek by readers with ``read_frames`` (videos).
+SETTINGS_FILE = "settings.json"
 
 
 class SimulatedKill(RuntimeError):
@@ -60,32 +66,59 @@ class SimulatedKill(RuntimeError):
 
 
 # ---- readers ------------------------------------------------------------------------------------------------------
-def _make_waymo(root, clip_frames, image_size, **kw):
+def _set_reader_arg(kw: dict, key: str, value) -> None:
+  """Sets reader argument ``key`` from ``--clip-stride``; a ``--reader-arg`` giving it another value is refused (one
+  of the two would be silently ignored)."""
+  if key in kw and kw[key] != value:
+    raise ValueError(f"--clip-stride {value} conflicts with --reader-arg {key}={kw[key]!r}; give only one of them")
+  kw[key] = value
+
+
+def _make_waymo(root, clip_frames, image_size, cli_stride=None, **kw):
   from .waymo import WaymoReader
+  if cli_stride is not None:
+    _set_reader_arg(kw, "clip_stride", cli_stride)
   return WaymoReader(root, clip_frames=clip_frames, image_size=image_size, **kw)
 
 
-def _make_opendv(root, clip_frames, image_size, **kw):
+def _make_opendv(root, clip_frames, image_size, cli_stride=None, **kw):
   from .opendv import OpenDVReader
+  if cli_stride is not None:  # A stacked reader is converted clip by clip: its own stride lists the clips.
+    _set_reader_arg(kw, "clip_stride", cli_stride)
   return OpenDVReader(root, clip_frames=clip_frames, image_size=image_size, **kw)
 
 
-def _make_nuscenes(root, clip_frames, image_size, **kw):
+def _clip_stride_frames(kw: dict, clip_frames: int, clip_stride: int | None) -> None:
+  """Stride of the clip-only readers (nuScenes, Argoverse 2), given in frames so that the reader turns it into
+  seconds at its own rate (nuScenes ``keyframes_only`` runs at 2 fps whatever ``fps`` says). Default clip_frames:
+  non-overlapping clips, every frame stored once."""
+  if clip_stride is None:
+    if "clip_stride_s" not in kw:
+      kw.setdefault("clip_stride_frames", clip_frames)
+    return
+  if "clip_stride_s" in kw:
+    raise ValueError(f"--clip-stride {clip_stride} (frames) conflicts with --reader-arg clip_stride_s="
+                     f"{kw['clip_stride_s']!r} (seconds); give only one of them")
+  _set_reader_arg(kw, "clip_stride_frames", clip_stride)
+
+
+def _make_nuscenes(root, clip_frames, image_size, cli_stride=None, **kw):
   from .nuscenes import NuScenesReader
-  fps = kw.get("fps", 10.0)
-  kw.setdefault("clip_stride_s", clip_frames / fps)  # Non-overlapping: every frame stored once.
+  _clip_stride_frames(kw, clip_frames, cli_stride)
   return NuScenesReader(root, num_frames=clip_frames, image_size=image_size, **kw)
 
 
-def _make_argoverse2(root, clip_frames, image_size, **kw):
+def _make_argoverse2(root, clip_frames, image_size, cli_stride=None, **kw):
   from .argoverse2 import Argoverse2Reader
-  fps = kw.get("fps", 10.0)
-  kw.setdefault("clip_stride_s", clip_frames / fps)  # Non-overlapping: every frame stored once.
+  _clip_stride_frames(kw, clip_frames, cli_stride)
   return Argoverse2Reader(root, num_frames=clip_frames, image_size=image_size, **kw)
 
 
-def _make_synthetic(root, clip_frames, image_size, **kw):
+def _make_synthetic(root, clip_frames, image_size, cli_stride=None, **kw):
   del root  # generated, not read
+  if cli_stride is not None:
+    raise ValueError(f"--clip-stride {cli_stride} does not apply to the synthetic dataset: its clips are generated "
+                     "whole, not cut from longer scenes")
   from .synthetic import SyntheticClipReader
   return SyntheticClipReader(num_frames=clip_frames, image_size=image_size, **kw)
 
@@ -198,9 +231,10 @@ def read_map(path: str) -> list[tuple[np.ndarray, int]]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(dataset: str, root: str, clip_frames: int, image_size, reader_kwargs: dict) -> None:
+def _init_worker(dataset: str, root: str, clip_frames: int, image_size, clip_stride: int | None,
+                 reader_kwargs: dict) -> None:
   logging.basicConfig(level=logging.INFO)
-  _WORKER["reader"] = READERS[dataset](root, clip_frames, image_size, **reader_kwargs)
+  _WORKER["reader"] = READERS[dataset](root, clip_frames, image_size, cli_stride=clip_stride, **reader_kwargs)
 
 
 def _is_scene_reader(reader) -> bool:
@@ -242,8 +276,15 @@ def _convert_scene(task: dict) -> dict:
     if _is_scene_reader(reader):
       fps = float(importlib.import_module(type(reader).__module__).FPS)
       sizes = _reader_sizes(reader)
-      map_lines = reader.scene_map(scene)
-      n = reader.scene_length(scene)
+      try:  # Waymo parses frame 0 here, OpenDV finds the video: a scene unreadable as a whole is one counted skip.
+        if hasattr(reader, "check_scene"):
+          reader.check_scene(scene)
+        map_lines = reader.scene_map(scene)
+        n = reader.scene_length(scene)
+      except ReaderError as e:
+        skipped["unreadable_scene"] += 1
+        log.warning("skipping scene %s (unreadable_scene): %s", scene, e)
+        map_lines, n = [], 0  # A marker with no record: a rerun moves on instead of failing here again.
       chunk = CHUNK_FRAMES if hasattr(reader, "read_frames") else 1
       for c0 in range(0, n, chunk):
         count = min(chunk, n - c0)
@@ -300,12 +341,16 @@ def convert(dataset: str, root: str, out: str, *, workers: int = 1, image_size: 
   """Converts ``dataset`` at ``root`` into ``out`` (module docstring); returns the summary dict."""
   if dataset not in READERS:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(READERS)}")
+  if clip_frames < 1 or (clip_stride is not None and clip_stride < 1):
+    raise ValueError(f"clip_frames and clip_stride must be >= 1, got {clip_frames} and {clip_stride}")
   reader_kwargs = dict(reader_kwargs or {})
   if fail_after_scenes is None and os.environ.get(FAIL_ENV):
     fail_after_scenes = int(os.environ[FAIL_ENV])
   for sub in ("shards", "maps", "scenes", "tmp"):
     os.makedirs(os.path.join(out, sub), exist_ok=True)
-  init_args = (dataset, root, clip_frames, image_size, reader_kwargs)
+  check_settings(out, {"dataset": dataset, "image_size": image_size, "clip_frames": clip_frames,
+                       "clip_stride": clip_stride, **{f"reader_arg {k}": v for k, v in reader_kwargs.items()}})
+  init_args = (dataset, root, clip_frames, image_size, clip_stride, reader_kwargs)
   _init_worker(*init_args)
   reader = _WORKER["reader"]
   scenes = reader.list_scenes() if _is_scene_reader(reader) else reader.list_clips()
@@ -329,6 +374,32 @@ def convert(dataset: str, root: str, out: str, *, workers: int = 1, image_size: 
   finally:
     bar.close()
   return build_index(out, dataset, scenes)
+
+
+def check_settings(out: str, settings: dict) -> None:
+  """Records the settings that shape the stored data in OUT/settings.json, or refuses to resume into a folder whose
+  done scenes were written with other ones: markers are keyed by scene only, so their shards (other image size, clip
+  length, ...) would be reused as they are, mixed with new ones. Before any scene is done (a first run that failed
+  early, e.g. on a mistyped reader argument) the settings are simply replaced."""
+  path = os.path.join(out, SETTINGS_FILE)
+  settings = json.loads(json.dumps(settings, default=str))  # As stored: tuples become lists.
+  if any(name.endswith(".json") for name in os.listdir(os.path.join(out, "scenes"))):
+    if not os.path.exists(path):
+      log.warning("%s has done scenes but no %s (written by an older converter): their settings cannot be checked "
+                  "and are taken to be these", out, SETTINGS_FILE)
+    else:
+      try:
+        with open(path) as f:
+          old = json.load(f)
+      except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the conversion settings {path} ({e}); convert into a new folder") from e
+      differ = [f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+      if differ:
+        raise ValueError(f"{out} holds a conversion made with other settings ({'; '.join(differ)}); rerun with "
+                         "its settings to resume it, or convert into a new folder")
+      return
+  _atomic_json(path, settings)
 
 
 def build_index(out: str, dataset: str, scenes: list[str]) -> dict:

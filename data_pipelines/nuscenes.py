@@ -93,8 +93,9 @@ import numpy as np
 
 from . import geometry, schema
 from .readers import (CaptionTable, ClipReader, ReaderError, align_caption_fields, check_caption_entry, check_sample,
-                      crop_polylines_near, format_caption, nearest_indices, pack_boxes, pack_lidar, pack_polylines,
-                      pose_matrix, quat_slerp, quat_to_matrix, read_caption_file, read_jpeg, resample_nearest, yaw_of)
+                      clip_stride_seconds, crop_polylines_near, format_caption, nearest_indices, pack_boxes, pack_lidar,
+                      pack_polylines, pose_matrix, quat_slerp, quat_to_matrix, read_caption_file, read_jpeg,
+                      resample_nearest, yaw_of)
 
 # The caption-file keys the reader accepts (module docstring, "Captions").
 CAPTION_KEY_FORMATS = ("a camera sample_data token, an image filename relative to dataroot (samples/CAM_FRONT/...jpg) "
@@ -164,7 +165,7 @@ class NuScenesReader(ClipReader):
   dataset = "nuscenes"
 
   def __init__(self, dataroot: str, version: str = "v1.0-trainval", *, num_frames: int = 19, fps: float = 10.0,
-               keyframes_only: bool = False, clip_stride_s: float | None = None,
+               keyframes_only: bool = False, clip_stride_s: float | None = None, clip_stride_frames: int | None = None,
                image_size: tuple[int, int] | None = None, scenes: list[str] | None = None,
                max_boxes: int = 128, max_lidar_points: int = 40000, max_map_lines: int = 512,
                map_points_per_line: int = 32, map_radius_m: float = 100.0, require_map: bool = True,
@@ -175,6 +176,8 @@ class NuScenesReader(ClipReader):
       version: table folder, e.g. "v1.0-trainval", "v1.0-mini", or an ASAP "interp_12Hz_trainval".
       num_frames, fps: clip length and rate (fps is forced to 2 with ``keyframes_only``).
       clip_stride_s: seconds between clip starts (default one frame, 1 / fps, as OpenDWM's training sets).
+      clip_stride_frames: the stride in frames at the clip rate instead (2 fps with keyframes_only); the converter
+        gives this.
       image_size: (H, W) to resize images to (intrinsics rescaled); None keeps 900 x 1600.
       scenes: scene names to use (e.g. a split list); None = all.
       max_boxes, max_lidar_points, max_map_lines, map_points_per_line: padded sizes NB, NL, NP, NK.
@@ -185,7 +188,7 @@ class NuScenesReader(ClipReader):
     self.num_frames = int(num_frames)
     self.keyframes_only = keyframes_only
     self.fps = 2.0 if keyframes_only else float(fps)
-    self.clip_stride_s = (1.0 / self.fps) if clip_stride_s is None else float(clip_stride_s)
+    self.clip_stride_s = clip_stride_seconds(self.fps, clip_stride_s, clip_stride_frames)
     self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
     self.max_boxes, self.max_lidar_points = max_boxes, max_lidar_points
     self.max_map_lines, self.map_points_per_line = max_map_lines, map_points_per_line

@@ -3,7 +3,8 @@
 Layout (datasets.md §4):
   ``meta_path`` (default ``<root>/meta/OpenDV-YouTube.json``): a list of dicts with at least ``videoid``, ``youtuber``,
     ``split`` ("Train"/"Val"), ``start_discard``, ``end_discard`` (seconds) and ``length`` (seconds); ``area`` and
-    ``state`` are used for captions when present.
+    ``state`` are used for captions when present. A row of the split whose length or discards are not a number of
+    seconds >= 0 ("N/A", NaN, null) is skipped, counted in ``skipped_videos`` and named in one warning.
   Videos: ``<video_root>/<youtuber with spaces -> _>/<videoid>.<mp4|webm|mkv>`` or flat ``<video_root>/<videoid>.*``
     (OpenDWM); ``video_root`` defaults to ``<root>/videos``.
   Captions (optional, ``caption_path``): OpenDWM's JSON dict (``opendv_caption.json``) keyed
@@ -48,7 +49,6 @@ reader clip by clip (``list_clips`` / ``read_clip``).
 """
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import logging
@@ -87,6 +87,22 @@ def _seconds(value) -> float:
   return sum(p * 60 ** k for k, p in enumerate(reversed(parts)))
 
 
+def _row_times(row: dict) -> dict[str, float]:
+  """``length``, ``start_discard`` and ``end_discard`` (default 0) of a metadata row in seconds; ValueError naming the
+  first that is not a finite number of seconds >= 0 ("N/A", NaN, null, ...)."""
+  out = {}
+  for key in ("length", "start_discard", "end_discard"):
+    value = row.get(key, 0)
+    try:
+      t = _seconds(value)
+    except (TypeError, ValueError):
+      t = math.nan
+    if not (math.isfinite(t) and t >= 0):
+      raise ValueError(f"{key} {value!r} is not a number of seconds >= 0")
+    out[key] = t
+  return out
+
+
 class OpenDVReader(readers.ClipReader):
   """Clips of OpenDV-YouTube videos (see the module docstring)."""
 
@@ -120,17 +136,26 @@ class OpenDVReader(readers.ClipReader):
     except (OSError, json.JSONDecodeError) as e:
       raise ReaderError(f"cannot read OpenDV metadata ({e})", meta_path) from e
     self._meta: dict[str, dict] = {}
+    self.skipped_videos: dict[str, str] = {}  # videoid -> why its metadata row is unusable.
     for k, m in enumerate(meta):
       for key in ("videoid", "youtuber", "length"):
         if key not in m:
           raise ValueError(f"{meta_path}: entry {k} lacks {key!r}")
       if split is None or str(m.get("split", "")).lower() == split.lower():
-        self._meta[str(m["videoid"])] = m
+        try:  # One bad row (a "N/A" discard) must not take the other videos down with it.
+          self._meta[str(m["videoid"])] = {**m, **_row_times(m)}
+        except ValueError as e:
+          self.skipped_videos[str(m["videoid"])] = f"entry {k}: {e}"
+    if self.skipped_videos:
+      vid, why = next(iter(self.skipped_videos.items()))
+      _log.warning("OpenDV metadata %s: skipping %d video(s) of split %r whose times are unusable (e.g. %r, %s)",
+                   meta_path, len(self.skipped_videos), split, vid, why)
     if self.stack_views > 1:
       joined = sorted(v for v in self._meta if "+" in v)
       if joined:  # "+" separates the parts of a stacked clip id.
         raise ValueError(f"{meta_path}: videoid {joined[0]!r} contains '+', which stack_views > 1 cannot parse")
     self._split = split
+    self._video_paths: dict[str, str | None] = {}
     self._captions = self._load_captions(os.fspath(caption_path)) if caption_path else readers.CaptionTable()
 
   def _caption_key(self, key: str) -> tuple[str | None, float]:
@@ -190,19 +215,32 @@ class OpenDVReader(readers.ClipReader):
     usable = _seconds(m["length"]) - _seconds(m.get("start_discard", 0)) - _seconds(m.get("end_discard", 0))
     return max(0, int(math.floor(usable * FPS + 1e-6)))
 
-  @functools.lru_cache(maxsize=256)
-  def video_path(self, scene: str) -> str:
-    m = self._meta[scene]
-    folder = str(m["youtuber"]).replace(" ", "_")
+  def _folder(self, scene: str) -> str:
+    return os.path.join(self.video_root, str(self._meta[scene]["youtuber"]).replace(" ", "_"))
+
+  def _find_video(self, scene: str) -> str | None:
     for ext in VIDEO_EXTENSIONS:
       name = f"{scene}.{ext}"
-      for p in (os.path.join(self.video_root, folder, name), os.path.join(self.video_root, name)):
+      for p in (os.path.join(self._folder(scene), name), os.path.join(self.video_root, name)):
         if os.path.exists(p):
           return p
     found = glob.glob(os.path.join(self.video_root, "**", f"{scene}.*"), recursive=True)
-    if found:
-      return sorted(found)[0]
-    raise ReaderError(f"missing sensor: no video file for {scene}", os.path.join(self.video_root, folder))
+    return sorted(found)[0] if found else None
+
+  def video_path(self, scene: str) -> str:
+    """The video file of ``scene``, looked up once per reader, a miss included (the recursive search of a large
+    video tree is slow, and a missing video would otherwise be searched for again for every frame)."""
+    if scene not in self._video_paths:
+      self._video_paths[scene] = self._find_video(scene)
+    path = self._video_paths[scene]
+    if path is None:
+      raise ReaderError(f"missing sensor: no video file for {scene}", self._folder(scene))
+    return path
+
+  def check_scene(self, scene: str) -> None:
+    """ReaderError when the video of ``scene`` is missing, so that the converter skips the scene once instead of
+    frame by frame."""
+    self.video_path(scene)
 
   def caption(self, scene: str, time_s: float) -> str:
     """Caption at video time ``time_s`` (nearest labelled time), else one from the metadata."""

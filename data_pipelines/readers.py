@@ -12,6 +12,7 @@ a reader never returns a sample built from partial data.
 Shared helpers (used by all readers so that padding and resampling behave the same everywhere):
   ``read_jpeg``          decode (and optionally resize) an image file, ReaderError on a bad file.
   ``resample_nearest``   pick source frames nearest to t0 + i / fps (OpenDWM ``enumerate_segments`` rule).
+  ``clip_stride_seconds``  seconds between clip starts, from seconds or frames at the clip rate.
   ``nearest_indices``    vectorised nearest-timestamp lookup.
   ``pack_boxes``, ``pack_lidar``, ``pack_polylines``   pad per-frame lists to the fixed schema sizes.
   ``crop_polylines_near``  keep the map parts within a radius of the ego path.
@@ -213,6 +214,23 @@ def nearest_indices(source_times: np.ndarray, targets: np.ndarray) -> np.ndarray
   right = np.clip(np.searchsorted(source_times, targets), 0, source_times.size - 1)
   left = np.maximum(right - 1, 0)
   return np.where(np.abs(source_times[left] - targets) <= np.abs(source_times[right] - targets), left, right)
+
+
+def clip_stride_seconds(fps: float, clip_stride_s: float | None, clip_stride_frames: int | None) -> float:
+  """Seconds between clip starts: ``clip_stride_s``, or ``clip_stride_frames`` frames at ``fps`` (the clip rate the
+  reader really uses), or one frame when neither is given."""
+  if clip_stride_s is not None and clip_stride_frames is not None:
+    raise ValueError(f"give clip_stride_s ({clip_stride_s}) or clip_stride_frames ({clip_stride_frames}), not both")
+  if clip_stride_frames is not None:
+    # bool is an int subclass: a JSON "true" from ``convert --reader-arg`` must not become a stride of one frame.
+    if isinstance(clip_stride_frames, bool) or not isinstance(clip_stride_frames, (int, np.integer)) \
+        or clip_stride_frames < 1:
+      raise ValueError(f"clip_stride_frames must be an int >= 1, got {clip_stride_frames!r}")
+    return int(clip_stride_frames) / fps
+  stride = 1.0 / fps if clip_stride_s is None else float(clip_stride_s)
+  if not stride > 0:  # A zero or negative stride would index clips forever.
+    raise ValueError(f"clip_stride_s must be > 0, got {clip_stride_s!r}")
+  return stride
 
 
 def resample_nearest(source_times: np.ndarray, start_time: float, num_frames: int,

@@ -68,7 +68,18 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 
 
 class TFRecordError(ValueError):
-  """A TFRecord file is truncated or corrupt; the message names the file and the record's byte offset."""
+  """A TFRecord file is truncated or corrupt; the message names the file and the record's byte offset.
+
+  ``reason`` is "truncated record" (the file ends inside a record) or "corrupt record" (a CRC mismatch: the bytes are
+  there but wrong), so that callers can count the two apart.
+  """
+
+  def __init__(self, message: str, reason: str = "truncated record"):
+    super().__init__(message)
+    self.reason = reason
+
+  def __reduce__(self):  # Keeps ``reason`` through pickling (worker processes).
+    return type(self), (str(self), self.reason)
 
 
 def _read_header(f: BinaryIO, path: str, offset: int, verify: bool) -> int | None:
@@ -81,7 +92,8 @@ def _read_header(f: BinaryIO, path: str, offset: int, verify: bool) -> int | Non
                         f"({len(header)} of {_HEADER.size} bytes)")
   length, length_crc = _HEADER.unpack(header)
   if verify and masked_crc32c(header[:8]) != length_crc:
-    raise TFRecordError(f"{path}: corrupt record length at byte offset {offset} (length CRC mismatch)")
+    raise TFRecordError(f"{path}: corrupt record length at byte offset {offset} (length CRC mismatch)",
+                        "corrupt record")
   return length
 
 
@@ -92,7 +104,8 @@ def _read_payload(f: BinaryIO, path: str, offset: int, length: int, verify: bool
     raise TFRecordError(f"{path}: truncated record at byte offset {offset} "
                         f"(expected {length} payload bytes + 4 CRC bytes)")
   if verify and masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
-    raise TFRecordError(f"{path}: corrupt record payload at byte offset {offset} (data CRC mismatch)")
+    raise TFRecordError(f"{path}: corrupt record payload at byte offset {offset} (data CRC mismatch)",
+                        "corrupt record")
   return data
 
 

@@ -61,10 +61,12 @@ Conventions (all documented choices):
     or (segment, camera) pairs match, one warning gives the counts.
 
 Errors: an unreadable/corrupt record, a missing camera or laser, or a bad JPEG raise ``ReaderError`` whose message
-starts with the reason ("truncated record", "corrupt record", "missing sensor", "corrupt image").
+starts with the reason ("truncated record": the file ends inside a record, or holds none; "corrupt record": a CRC
+mismatch or a malformed proto; "missing sensor", "corrupt image"; "cannot read segment" for an OS error).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import logging
@@ -154,6 +156,16 @@ def _decode_matrix(compressed: bytes, what: str, path: str) -> np.ndarray:
   if int(np.prod(dims)) != data.size:
     raise ReaderError(f"corrupt record: {what} has {data.size} values for shape {dims}", path)
   return data.reshape(dims)
+
+
+@contextlib.contextmanager
+def _corrupt_record(path: str, i: int, what: str = ""):
+  """Turns the ValueError of a malformed proto field (a Transform without 16 values, a short intrinsic, ...) into the
+  ReaderError the converter counts as a skip, naming the file, the frame and ``what`` (a prefix of the message)."""
+  try:
+    yield
+  except ValueError as e:
+    raise ReaderError(f"corrupt record: {what}{e} (frame {i})", path) from e
 
 
 def rotation_rpy(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> np.ndarray:
@@ -341,10 +353,14 @@ class WaymoReader(readers.ClipReader):
     return sorted(self._paths)
 
   @functools.lru_cache(maxsize=64)
-  def _index(self, scene: str) -> tuple[tuple[tuple[int, int], ...], str | None]:
+  def _index(self, scene: str) -> tuple[tuple[tuple[int, int], ...], tuple[str, str] | None]:
+    """(offset, length) of the readable records, and (reason, message) of the damage that ends them, or None."""
     path = self._path(scene)
-    index, error = tfrecord.scan_records(path)
-    return tuple(index), None if error is None else str(error)
+    try:
+      index, error = tfrecord.scan_records(path)
+    except OSError as e:  # Unreadable file (permissions, vanished): the scene's problem, not the run's.
+      raise ReaderError(f"cannot read segment ({e.strerror})", path) from e
+    return tuple(index), None if error is None else (error.reason, str(error))
 
   def _path(self, scene: str) -> str:
     if scene not in self._paths:
@@ -361,12 +377,16 @@ class WaymoReader(readers.ClipReader):
     index, error = self._index(scene)
     if i >= len(index):
       if error is not None and i == len(index):
-        raise ReaderError(f"truncated record: {error}", path)
+        raise ReaderError(f"{error[0]}: {error[1]}", path)
+      if not index:  # A 0-byte (or header-less) segment: a damaged input, not a caller's bad index.
+        raise ReaderError("truncated record: segment holds no record", path)
       raise IndexError(f"frame {i} out of range for scene {scene!r} ({len(index)} frames)")
     try:
       data = tfrecord.read_record(path, index[i][0])
-    except tfrecord.TFRecordError as e:
-      raise ReaderError(f"truncated record: {e}", path) from e
+    except tfrecord.TFRecordError as e:  # "corrupt record" (CRC mismatch) or "truncated record".
+      raise ReaderError(f"{e.reason}: {e}", path) from e
+    except OSError as e:
+      raise ReaderError(f"cannot read segment ({e.strerror})", path) from e
     try:
       return dataset_pb2.Frame.FromString(data)
     except DecodeError as e:
@@ -421,10 +441,13 @@ class WaymoReader(readers.ClipReader):
         decoded = frames_lib.decode_image(images[cam].image, None, what=what, path=path)
         calib_hw = decoded.shape[:2]
         out_images[slot] = frames_lib.decode_image(images[cam].image, hw, what=what, path=path)
-      intr[slot] = geometry.resize_intrinsics(intrinsic_matrix(calib.intrinsic), calib_hw, hw)
-      c2e[slot] = camera_to_ego(transform_from_proto(calib.extrinsic))
+      with _corrupt_record(path, i, f"camera {cam_name} calibration: "):
+        intr[slot] = geometry.resize_intrinsics(intrinsic_matrix(calib.intrinsic), calib_hw, hw)
+        c2e[slot] = camera_to_ego(transform_from_proto(calib.extrinsic))
       original[slot] = (calib_hw[1], calib_hw[0])
-    pose = transform_from_proto(frame.pose)  # Pose frame, not world: the TOP per-pixel poses are expressed in it.
+    with _corrupt_record(path, i, "frame pose: "):
+      pose = transform_from_proto(frame.pose)  # Pose frame, not world: the TOP per-pixel poses are expressed in it.
+      ego_to_world = ego_to_map(frame)
 
     boxes, cls, tids = [], [], []
     for label in frame.laser_labels:
@@ -444,7 +467,7 @@ class WaymoReader(readers.ClipReader):
     captions = self.frame_captions(scene, frame.timestamp_micros, caption_from_stats(first_context.stats))
     return {
         "images": out_images, "view_mask": VIEW_MASK.copy(), "intrinsics": intr.astype(np.float32),
-        "cam_to_ego": c2e.astype(np.float32), "ego_to_world": ego_to_map(frame).astype(np.float32),
+        "cam_to_ego": c2e.astype(np.float32), "ego_to_world": ego_to_world.astype(np.float32),
         # Relative to the segment start: absolute seconds (~1.6e9) would lose sub-microsecond precision.
         "timestamp": (frame.timestamp_micros - first_us) * 1e-6, "original_size": original,
         "boxes": boxes_p[0, :n_boxes], "box_class": cls_p[0, :n_boxes], "box_track_id": tids_p[0, :n_boxes],
@@ -464,11 +487,9 @@ class WaymoReader(readers.ClipReader):
       ri = lasers[name].ri_return1
       image = _decode_matrix(ri.range_image_compressed, f"{laser_name} range image of frame {i}", path)
       calib = calibs[name]
-      try:
+      with _corrupt_record(path, i, f"laser {laser_name} calibration: "):
         incl = beam_inclinations(calib, image.shape[0])
         extrinsic = transform_from_proto(calib.extrinsic)
-      except ValueError as e:
-        raise ReaderError(f"corrupt record: {e} (frame {i})", path) from e
       pixel_pose = None
       if name == LASER_NAMES["TOP"] and ri.range_image_pose_compressed:
         pixel_pose = _decode_matrix(ri.range_image_pose_compressed, f"TOP range image pose of frame {i}", path)

@@ -1,9 +1,12 @@
 """Argoverse 2 reader on a tiny synthetic log in the real feather/JPEG/JSON format, checked against the fixture's
 ground truth (poses, boxes, a planted LiDAR point, drawn box edges)."""
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pytest
@@ -273,3 +276,55 @@ def test_missing_pose_row(tmp_path):
   with pytest.raises(ReaderError, match=str(drop)) as e:
     _read_first(log.root)
   assert e.value.path == p
+
+
+class _NoPythonLists:
+  """A pyarrow Table whose ``to_pydict`` fails: a sweep of ~100k points as Python lists is ~35x slower to read."""
+
+  def __init__(self, table):
+    self._table = table
+
+  def __getattr__(self, name):
+    return getattr(self._table, name)
+
+  def to_pydict(self):
+    raise AssertionError("a LiDAR sweep was read as Python lists")
+
+
+def test_lidar_columns_read_exactly_and_nulls_refused(tmp_path, monkeypatch):
+  """Sweeps are read column-wise, never as Python lists (float16 on disk -> the same float32 values as before); a
+  null coordinate is a ReaderError naming the file."""
+  log = _fresh(tmp_path)
+  r = Argoverse2Reader(log.root, num_frames=8, **SIZES)
+  clip = r.list_clips()[0]
+  read_table = feather.read_table
+  with monkeypatch.context() as m:
+    m.setattr(feather, "read_table", lambda path, *a, **k: (_NoPythonLists if f"{os.sep}lidar{os.sep}" in str(path)
+                                                             else lambda t: t)(read_table(path, *a, **k)))
+    s = r.read_clip(clip)
+  for t, frame in enumerate(r.clip_frames(clip)):
+    table = feather.read_table(os.path.join(log.log_dir, "sensors", "lidar", f"{frame['lidar']}.feather"))
+    assert table.schema.field("x").type == pa.float16()
+    want = np.stack([np.asarray(table.to_pydict()[c], np.float32) for c in "xyz"], -1)  # The old, slow read.
+    assert s["lidar_points"].dtype == np.float32
+    np.testing.assert_array_equal(s["lidar_points"][t][s["lidar_mask"][t]], want)
+  p = os.path.join(log.log_dir, "sensors", "lidar", f"{log.lidar_times[1]}.feather")
+  table = feather.read_table(p)
+  z = pa.array([None] + table["z"].to_pylist()[1:], pa.float16())
+  feather.write_feather(table.set_column(table.schema.get_field_index("z"), "z", z), p)
+  with pytest.raises(ReaderError, match="corrupt LiDAR sweep") as e:
+    r.read_clip(clip)
+  assert e.value.path == p
+
+
+def test_log_without_lidar_or_camera_folder_is_named(tmp_path, caplog):
+  log = _fresh(tmp_path)
+  shutil.rmtree(os.path.join(log.log_dir, "sensors", "lidar"))
+  shutil.rmtree(os.path.join(log.log_dir, "sensors", "cameras", "ring_side_left"))
+  with caplog.at_level(logging.WARNING):
+    r = Argoverse2Reader(log.root, num_frames=8, **SIZES)
+  assert r.list_clips() == []
+  (message,) = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+  log_id = os.path.basename(log.log_dir)
+  assert message.startswith(f"Argoverse 2 log {log_id} gives no clips: no LiDAR sweeps (sensors/lidar), no "
+                            "ring_side_left images (sensors/cameras/ring_side_left)")

@@ -110,6 +110,34 @@ def _tree_bytes(out):
   return files
 
 
+def test_unreadable_scene_is_one_counted_skip(tmp_path):
+  """A segment whose frame 0 (which holds the map) cannot be read -- empty file, CRC mismatch, truncated -- is one
+  counted skip with a done marker of no records, not an abort of the whole conversion (and of every rerun)."""
+  src = tmp_path / "src"
+  src.mkdir()
+  wf.write_segment(src, "good", 3)
+  (src / "segment-empty_with_camera_labels.tfrecord").write_bytes(b"")
+  wf.flip_record_byte(wf.write_segment(src, "crc0", 3), 0)
+  path = wf.write_segment(src, "trunc0", 3)
+  with open(path, "r+b") as f:
+    f.truncate(50)  # Inside frame 0's payload.
+  summary = _convert(src, tmp_path / "out")
+  assert summary["scenes_converted"] == 4 and summary["skipped"] == {"unreadable_scene": 3}
+  assert summary["clips"] == 1 and summary["records"] == 3
+  for scene in ("empty", "crc0", "trunc0"):
+    marker = json.loads((tmp_path / "out" / "scenes" / f"{convert.safe_name(scene)}.json").read_text())
+    assert marker["records"] == [] and marker["clips"] == {} and marker["skipped"] == {"unreadable_scene": 1}
+  assert _convert(src, tmp_path / "out") == summary  # The rerun moves on (all done), no error.
+  source = arrayrecord_source.ArrayRecordClipSource(tmp_path / "out")
+  assert len(source) == 1 and len(list(source.captions())) == 3 * 6  # The empty shards read as empty.
+
+
+def test_crc_mismatch_is_counted_as_corrupt_record(tmp_path):
+  wf.flip_record_byte(wf.write_segment(tmp_path, "crc2", 4), 2)
+  summary = _convert(tmp_path, tmp_path / "out")
+  assert summary["skipped"] == {"corrupt_record": 1} and summary["records"] == 3
+
+
 def test_kill_and_restart_gives_same_output(waymo_root, waymo_out, tmp_path):
   out, _ = waymo_out
   with pytest.raises(convert.SimulatedKill):
@@ -233,6 +261,100 @@ def test_argoverse2_clip_reader_path(tmp_path):
     assert np.abs(got["images"].astype(int) - want["images"]).mean() < 3
     _assert_same_sample({k: v for k, v in got.items() if k != "images"},
                         {k: v for k, v in want.items() if k != "images"})
+
+
+def test_clip_stride_is_in_frames_at_the_reader_rate(tmp_path):
+  """nuScenes keyframes_only runs at 2 fps: the default stride is clip_frames keyframes (each keyframe stored once,
+  not ~5 times with a stride computed at 10 fps), and --clip-stride is honoured by the clip readers."""
+  fx = pytest.importorskip("nuscenes_fixture")
+  tree = fx.write_nuscenes_tree(str(tmp_path / "nusc"))  # 3 keyframes, 0.5 s apart.
+  kw = dict(version=tree.version, keyframes_only=True, load_lidar=False, max_boxes=8, max_map_lines=16,
+            map_points_per_line=4)
+  summary = convert.convert("nuscenes", tree.root, str(tmp_path / "out"), image_size=HW, clip_frames=2,
+                            reader_kwargs=kw, progress=False)
+  assert summary["clips"] == 1 and summary["records"] == 2
+  summary = convert.convert("nuscenes", tree.root, str(tmp_path / "out1"), image_size=HW, clip_frames=2,
+                            clip_stride=1, reader_kwargs=kw, progress=False)
+  assert summary["clips"] == 2 and summary["records"] == 4
+  with pytest.raises(ValueError, match="--clip-stride 1 .*conflicts with --reader-arg clip_stride_s"):
+    convert.convert("nuscenes", tree.root, str(tmp_path / "out2"), image_size=HW, clip_frames=2, clip_stride=1,
+                    reader_kwargs=dict(kw, clip_stride_s=0.5), progress=False)
+  with pytest.raises(ValueError, match="--clip-stride 2 does not apply to the synthetic dataset"):
+    convert.convert("synthetic", "unused", str(tmp_path / "out3"), image_size=(32, 56), clip_frames=2,
+                    clip_stride=2, reader_kwargs=dict(num_clips=1), progress=False)
+
+
+def test_argoverse2_honours_clip_stride(tmp_path):
+  fx = pytest.importorskip("argoverse2_fixture")
+  from cvd_storm_jax.data_pipelines.argoverse2 import Argoverse2Reader
+  root = str(tmp_path / "av2")
+  fx.write_av2_log(root)  # 11 sweeps at 10 Hz.
+  kw = dict(load_lidar=False, max_boxes=8, max_map_lines=16, map_points_per_line=4)
+  summary = convert.convert("argoverse2", root, str(tmp_path / "out"), image_size=HW, clip_frames=4, clip_stride=2,
+                            reader_kwargs=kw, progress=False)
+  assert summary["clips"] == len(Argoverse2Reader(root, num_frames=4, clip_stride_s=0.2, **kw).list_clips()) == 4
+
+
+def _synthetic(out, **kw):
+  args = dict(image_size=(32, 56), clip_frames=2, reader_kwargs=dict(num_clips=1, max_lidar_points=16),
+              progress=False)
+  return convert.convert("synthetic", "unused", str(out), **{**args, **kw})
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+  """Done markers are keyed by scene only: resuming into a folder converted with another image size, clip length or
+  reader argument would silently reuse its old shards, so it is refused, naming what differs."""
+  # A first run that fails before any scene is done (a mistyped reader argument) does not block the corrected one.
+  with pytest.raises(KeyError, match="unknown synthetic option"):
+    _synthetic(tmp_path, reader_kwargs=dict(num_clip=1))
+  summary = _synthetic(tmp_path)
+  assert _synthetic(tmp_path) == summary  # Same settings: resumes (nothing left to do).
+  with pytest.raises(ValueError, match=r"other settings \(clip_frames: 2 there, 3 now\)"):
+    _synthetic(tmp_path, clip_frames=3)
+  with pytest.raises(ValueError, match=r"image_size: \[32, 56\] there, \[48, 56\] now"):
+    _synthetic(tmp_path, image_size=(48, 56))
+  with pytest.raises(ValueError, match=r"reader_arg num_clips: 1 there, 2 now"):
+    _synthetic(tmp_path, reader_kwargs=dict(num_clips=2, max_lidar_points=16))
+
+
+def test_source_keeps_a_bounded_number_of_shards_open(tmp_path):
+  """One clip per shard (nuScenes / AV2) means thousands of shards: the source keeps at most max_open_shards readers
+  open (least recently used closed), also when read from several threads, and still pickles for grain workers."""
+  import concurrent.futures
+  import pickle
+  if not os.path.isdir("/proc/self/fd"):
+    pytest.skip("counts open files through /proc/self/fd")
+  _synthetic(tmp_path, reader_kwargs=dict(num_clips=5, max_lidar_points=16))
+  out = str(tmp_path)
+
+  def open_shards():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+      try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+      except FileNotFoundError:  # The fd of the listing itself, closed by now.
+        continue
+      count += link.startswith(out) and link.endswith(".array_record")
+    return count
+
+  source = arrayrecord_source.ArrayRecordClipSource(tmp_path, max_open_shards=2)
+  assert len({source._clips[c]["frames"][0][0] for c in source._clip_ids}) == 5
+  want = [source[i]["clip_id"] for i in range(5)] * 2
+  for i in list(range(5)) * 2:
+    source[i]
+    assert len(source._readers) <= 2 and open_shards() <= 2
+  assert len(list(source.captions())) == 5 * 2 * 6  # Every shard again, still within the bound.
+  assert open_shards() <= 2
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    assert [s["clip_id"] for s in pool.map(source.__getitem__, list(range(5)) * 2)] == want
+  assert len(source._readers) <= 2
+  copy = pickle.loads(pickle.dumps(source))
+  assert len(copy._readers) == 0 and copy[4]["clip_id"] == want[4]
+  source.close()
+  copy.close()
+  assert open_shards() == 0
+  with pytest.raises(ValueError, match="max_open_shards must be an int >= 1"):
+    arrayrecord_source.ArrayRecordClipSource(tmp_path, max_open_shards=0)
 
 
 def test_synthetic_through_the_production_path(tmp_path):

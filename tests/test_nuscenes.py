@@ -210,6 +210,19 @@ def test_keyframes_only(tree):
   assert s["box_mask"].sum(1).tolist() == [2, 3, 2]  # car+ped, car+ped+truck, car+truck
 
 
+def test_clip_stride_frames_at_the_keyframe_rate(tree):
+  """clip_stride_frames counts frames at the clip rate: 0.5 s keyframes with keyframes_only, whatever ``fps``."""
+  def clips(**kw):
+    return NuScenesReader(tree.root, tree.version, num_frames=2, keyframes_only=True, load_lidar=False, **kw,
+                          **SIZES).list_clips()
+  assert clips(clip_stride_frames=1) == clips(clip_stride_s=0.5) == ["scene-0061/0000", "scene-0061/0001"]
+  assert clips(clip_stride_frames=2, fps=10.0) == clips(clip_stride_s=1.0) == ["scene-0061/0000"]
+  with pytest.raises(ValueError, match="give clip_stride_s .* or clip_stride_frames .*, not both"):
+    clips(clip_stride_s=1.0, clip_stride_frames=2)
+  with pytest.raises(ValueError, match="clip_stride_frames must be an int >= 1"):
+    clips(clip_stride_frames=0)
+
+
 METADATA_CAPTION = "night. rainy. Night, rain, turn at intersection. singapore-onenorth."
 
 

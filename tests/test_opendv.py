@@ -152,6 +152,47 @@ def test_missing_video_is_a_reader_error(tmp_path):
     r.read_clip("vidA@0")
 
 
+def test_missing_video_is_looked_up_once_and_skipped_once(tmp_path, monkeypatch, caplog):
+  """A missing video: one recursive search per reader (not one per frame), one counted scene skip, one warning."""
+  from cvd_storm_jax.data_pipelines import convert
+  root = write_dataset(tmp_path / "src", with_video=False)
+  searches = []
+  real_glob = opendv.glob.glob
+  monkeypatch.setattr(opendv.glob, "glob", lambda *a, **k: searches.append(a) or real_glob(*a, **k))
+  r = opendv.OpenDVReader(root, clip_frames=3)
+  for clip in ("vidA@0", "vidA@5"):
+    with pytest.raises(readers.ReaderError, match="^missing sensor: no video file for vidA"):
+      r.read_clip(clip)
+  assert len(searches) == 1
+  with caplog.at_level(logging.WARNING):
+    summary = convert.convert("opendv", str(root), str(tmp_path / "out"), image_size=(24, 32), clip_frames=5,
+                              progress=False)
+  assert summary["skipped"] == {"unreadable_scene": 1} and summary["records"] == 0
+  assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING and "vidA" in
+          rec.getMessage()] == [f"skipping scene vidA (unreadable_scene): missing sensor: no video file for vidA: "
+                                f"{root / 'videos' / 'Some_Driver'}"]
+  assert len(searches) == 2  # One more for the converter's own reader.
+
+
+def test_unusable_metadata_rows_are_skipped(tmp_path, caplog):
+  """A row with a "N/A" / NaN / null length or discard is skipped, counted and named in one warning; the other videos
+  of the split are listed as usual (a bad row used to make list_clips raise for the whole reader)."""
+  root = write_dataset(tmp_path, with_video=False)
+  meta = json.loads((root / "meta" / "OpenDV-YouTube.json").read_text())
+  bad = {"vidNA": {"start_discard": "N/A"}, "vidNaN": {"end_discard": float("nan")}, "vidNull": {"length": None},
+         "vidNeg": {"length": -3}}
+  for vid, fields in bad.items():
+    meta.append({**meta[0], "videoid": vid, **fields})
+  (root / "meta" / "OpenDV-YouTube.json").write_text(json.dumps(meta))  # NaN written as JSON's NaN literal.
+  with caplog.at_level(logging.WARNING):
+    r = opendv.OpenDVReader(root, clip_frames=5, clip_stride=10)
+  assert r.list_scenes() == ["vidA"] and r.list_clips() == ["vidA@0", "vidA@10"]
+  assert sorted(r.skipped_videos) == sorted(bad)
+  assert "start_discard 'N/A' is not a number of seconds" in r.skipped_videos["vidNA"]
+  warnings = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and "skipping 4 video(s) of split 'Train'" in warnings[0]
+
+
 def test_truncated_video_is_a_reader_error(root, tmp_path):
   meta = json.loads((root / "meta" / "OpenDV-YouTube.json").read_text())
   meta[0]["length"] = 10  # Claims 10 s; the file has 3 s.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import waymo_fixture as wf
-from cvd_storm_jax.data_pipelines import arrayrecord_source, convert, geometry, readers, schema, waymo
+from cvd_storm_jax.data_pipelines import arrayrecord_source, convert, geometry, readers, schema, tfrecord, waymo
 
 HW = (16, 24)
 STATS_CAPTION = "Day driving scene in San Francisco, sunny weather."
@@ -183,6 +183,43 @@ def test_bad_inputs_raise_reader_error(tmp_path):
     r.read_frame("bad", 2)
   with pytest.raises(readers.ReaderError, match="^truncated record"):
     r.read_frame("bad", 3)
+
+
+def test_damaged_records_name_their_reason(tmp_path):
+  """A CRC mismatch is a "corrupt record", a file ending inside a record (or holding none) a "truncated record"; an
+  empty segment is a ReaderError, not an IndexError."""
+  path = wf.write_segment(tmp_path, "crc", 3)
+  wf.flip_record_byte(path, 1)
+  path = wf.write_segment(tmp_path, "header", 3)
+  wf.flip_record_byte(path, 1, in_header=True)
+  (tmp_path / "segment-empty_with_camera_labels.tfrecord").write_bytes(b"")
+  r = waymo.WaymoReader(tmp_path, clip_frames=1, image_size=HW)
+  r.read_frame("crc", 0)
+  with pytest.raises(readers.ReaderError, match="^corrupt record: .*data CRC mismatch"):
+    r.read_frame("crc", 1)
+  assert r.scene_length("header") == 2  # The scan stops at the bad header; it counts as one damaged frame.
+  with pytest.raises(readers.ReaderError, match="^corrupt record: .*length CRC mismatch"):
+    r.read_frame("header", 1)
+  assert r.scene_length("empty") == 0
+  with pytest.raises(readers.ReaderError, match="^truncated record: segment holds no record"):
+    r.scene_map("empty")
+
+
+def test_malformed_protos_are_corrupt_records(tmp_path):
+  """A Transform without 16 values or a short intrinsic is a counted "corrupt record" skip, not a ValueError that
+  would stop the converter."""
+  frames = [wf.make_frame("ctx", i, with_map=(i == 0)) for i in range(4)]
+  frames[1].ClearField("pose")
+  del frames[2].context.camera_calibrations[0].extrinsic.transform[:]
+  del frames[3].context.camera_calibrations[1].intrinsic[2:]
+  tfrecord.write_records(tmp_path / "segment-ctx_with_camera_labels.tfrecord", [f.SerializeToString() for f in frames])
+  r = waymo.WaymoReader(tmp_path, clip_frames=1, image_size=HW)
+  r.read_frame("ctx", 0)
+  for i, what in ((1, "frame pose: Transform has 0 values"), (2, "camera FRONT calibration: Transform has 0 values"),
+                  (3, "camera FRONT_LEFT calibration: camera intrinsic has 2 values")):
+    with pytest.raises(readers.ReaderError, match=f"^corrupt record: {what}.*frame {i}") as e:
+      r.read_frame("ctx", i)
+    assert convert.skip_reason(e.value) == "corrupt_record"
 
 
 # ---- caption files (OpenDWM's waymo_caption_v2 format) ---------------------------------------------------------------

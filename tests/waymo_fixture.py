@@ -180,3 +180,15 @@ def write_segment(directory, context_name: str, num_frames: int, *, corrupt_jpeg
                          missing_camera=(4 if i == missing_camera_frame else None),
                          pixel_pose_shift=pixel_pose_shift).SerializeToString())
   return path
+
+
+def flip_record_byte(path, record: int, *, in_header: bool = False) -> None:
+  """Flips one bit of record ``record`` of a TFRecord file: in its payload (the data CRC no longer matches) or, with
+  ``in_header``, in its length field (the length CRC no longer matches). The file keeps its size."""
+  offset, length = tfrecord.scan_records(path)[0][record]
+  at = offset if in_header else offset + 12 + length // 2  # 12 = length (8) + length CRC (4).
+  with open(path, "r+b") as f:
+    f.seek(at)
+    byte = f.read(1)[0]
+    f.seek(at)
+    f.write(bytes([byte ^ 1]))
