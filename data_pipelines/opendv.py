@@ -264,12 +264,15 @@ class OpenDVReader(readers.ClipReader):
       with av.open(path) as container:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
-        container.seek(max(0, int((targets[0] - 1.0) / tb)), stream=stream, backward=True, any_frame=False)
+        # Video time counts from the file's start time, as ffmpeg's -ss does (OpenDV's frame extraction and the
+        # caption times): some files' first timestamp is not 0 (edit lists, muxer offsets).
+        start = container.start_time / av.time_base if container.start_time is not None else 0.0
+        container.seek(max(0, int((start + targets[0] - 1.0) / tb)), stream=stream, backward=True, any_frame=False)
         native = None
         for frame in container.decode(stream):
           if frame.pts is None:
             continue
-          t = frame.pts * tb
+          t = frame.pts * tb - start
           if t > targets[-1] + half:
             break
           # Frames closest to each target (ties go to the earlier frame).

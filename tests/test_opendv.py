@@ -1,4 +1,5 @@
 """OpenDV-YouTube reader on a synthetic MP4 (written with PyAV) and metadata JSON in the real layout."""
+import fractions
 import json
 import logging
 import re
@@ -19,15 +20,18 @@ def frame_level(i: int) -> int:
   return (i * 3) % 256
 
 
-def write_video(path, seconds=SECONDS, fps=SRC_FPS, hw=NATIVE_HW, level=frame_level):
+def write_video(path, seconds=SECONDS, fps=SRC_FPS, hw=NATIVE_HW, level=frame_level, first_pts=0):
+  """first_pts > 0: the file's timeline starts at first_pts / fps seconds (its start_time), not at 0."""
   with av.open(str(path), "w") as out:
     stream = out.add_stream("libx264", rate=fps)
     stream.width, stream.height = hw[1], hw[0]
     stream.pix_fmt = "yuv420p"
     stream.options = {"crf": "10", "g": "12"}
     for i in range(seconds * fps):
-      img = np.full((*hw, 3), level(i), np.uint8)
-      for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+      frame = av.VideoFrame.from_ndarray(np.full((*hw, 3), level(i), np.uint8), format="rgb24")
+      if first_pts:
+        frame.pts, frame.time_base = first_pts + i, fractions.Fraction(1, fps)
+      for packet in stream.encode(frame):
         out.mux(packet)
     for packet in stream.encode():
       out.mux(packet)
@@ -275,3 +279,15 @@ def test_bad_stack_views(root, stack_root):
       call()
   # Too few base clips for one group: an empty reader, not an error.
   assert opendv.OpenDVReader(root, clip_frames=5, clip_stride=10, stack_views=3).list_clips() == []
+
+
+def test_video_time_counts_from_the_file_start(tmp_path):
+  """A file whose first timestamp is 2 s (its start_time): frame k of the clip is the k-th 10 fps frame after the
+  file's start, as ffmpeg -ss counts (it used to look for t = 0 and find no frame)."""
+  root = write_dataset(tmp_path, with_video=False)
+  write_video(root / "videos" / "Some_Driver" / "vidA.mp4", first_pts=2 * SRC_FPS)
+  with av.open(str(root / "videos" / "Some_Driver" / "vidA.mp4")) as container:
+    assert container.start_time == 2_000_000
+  images, _ = opendv.OpenDVReader(root, clip_frames=3, clip_stride=3).decode("vidA", 0, 3)
+  # start_discard 0.5 s: source frames 15, 18, 21 at 30 fps.
+  np.testing.assert_allclose([im.mean() for im in images], [frame_level(i) for i in (15, 18, 21)], atol=2)
