@@ -28,7 +28,9 @@ marker of no records, so that a rerun moves on. Resumable: a scene's shard and m
 into place when complete, and its done marker is written last; a restart skips scenes with a marker and the index is
 rebuilt from all markers, so a kill at any point leaves nothing half-written that looks complete.
 ``--fail-after-scenes K`` (or env CVD_STORM_CONVERT_FAIL_AFTER=K) makes the (K+1)-th scene of this run raise after
-writing one record -- the tests use it to simulate a kill.
+writing one record -- the tests use it to simulate a kill; with env CVD_STORM_CONVERT_FAIL_MODE=exit the process
+exits there instead, as one the OS kills (out of memory) does: a worker dying that way stops the run with an error
+(it used to wait forever for the dead worker's scene).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import collections
 import importlib
 import io
 import json
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -57,6 +60,7 @@ log = logging.getLogger("cvd_storm_jax.convert")
 JPEG_QUALITY = 95
 WRITER_OPTIONS = "group_size:1"
 FAIL_ENV = "CVD_STORM_CONVERT_FAIL_AFTER"
+FAIL_MODE_ENV = "CVD_STORM_CONVERT_FAIL_MODE"  # "exit": the simulated kill is a process exit
 CHUNK_FRAMES = 50  # Frames decoded per seek by readers with ``read_frames`` (videos).
 SETTINGS_FILE = "settings.json"
 
@@ -271,6 +275,8 @@ def _convert_scene(task: dict) -> dict:
       records.append(written[0])
       written[0] += 1
       if task["fail"]:
+        if os.environ.get(FAIL_MODE_ENV) == "exit":
+          os._exit(137)  # what the OOM killer leaves: no exception, no cleanup
         raise SimulatedKill(f"simulated kill while converting scene {scene!r}")
 
     if _is_scene_reader(reader):
@@ -367,10 +373,19 @@ def convert(dataset: str, root: str, out: str, *, workers: int = 1, image_size: 
         _convert_scene(t)
         bar.update(1)
     else:
-      ctx = multiprocessing.get_context("spawn")
-      with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        for _ in pool.imap_unordered(_convert_scene, tasks):
+      # concurrent.futures, not multiprocessing.Pool: a worker killed by the OS (out of memory) breaks the pool with
+      # an error here, where Pool would wait forever for its scene.
+      pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_init_worker, initargs=init_args)
+      try:
+        for future in concurrent.futures.as_completed([pool.submit(_convert_scene, t) for t in tasks]):
+          future.result()
           bar.update(1)
+      except concurrent.futures.process.BrokenProcessPool as e:
+        raise RuntimeError(f"a conversion worker died (killed by the OS? out of memory: try fewer than --workers "
+                           f"{workers}); the finished scenes are kept and a rerun resumes") from e
+      finally:
+        pool.shutdown(cancel_futures=True)
   finally:
     bar.close()
   return build_index(out, dataset, scenes)

@@ -157,6 +157,19 @@ def test_env_var_kill(waymo_root, tmp_path, monkeypatch):
   assert not os.listdir(tmp_path / "scenes") and not os.listdir(tmp_path / "shards")
 
 
+def test_worker_killed_by_the_os_stops_the_run_and_a_rerun_resumes(waymo_root, waymo_out, tmp_path, monkeypatch):
+  """Two worker processes; one dies mid-scene without an exception (os._exit, as the OOM killer leaves it): the run
+  stops with an error (multiprocessing.Pool waited forever), and the rerun completes the same output."""
+  monkeypatch.setenv(convert.FAIL_ENV, "3")
+  monkeypatch.setenv(convert.FAIL_MODE_ENV, "exit")
+  with pytest.raises(RuntimeError, match="worker died"):
+    _convert(waymo_root, tmp_path, workers=2)
+  monkeypatch.delenv(convert.FAIL_ENV)
+  summary = _convert(waymo_root, tmp_path)
+  assert summary["scenes_converted"] == 5
+  assert _tree_bytes(tmp_path) == _tree_bytes(waymo_out[0])
+
+
 def test_frame_record_round_trip():
   rng = np.random.default_rng(0)
   frame = {
