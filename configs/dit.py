@@ -43,6 +43,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.init_from = ""  # a params file (python -m cvd_storm_jax.pretrained.sd3_transformer --src ... --out ...)
 
+  # model.pos_embed_scale / model.pos_embed_offset: the position grid (None = diffusers' formula). Set them only when
+  # the SD3 import names them (the checkpoint's stored table is on another grid), here and in the conversion alike.
   c.model = default_model_config("tiny" if tiny else "sd35_medium")
   c.data = default_data_config("tiny" if tiny else "paper")
 

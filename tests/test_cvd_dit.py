@@ -273,3 +273,31 @@ def test_bad_inputs_name_the_field(tiny):
     cvd_dit.CVDDiT(**dict(cfg, temporal_layers=(7,))).init(jax.random.key(0), **inputs)
   with pytest.raises(ValueError, match="unknown model size"):
     cvd_dit.default_model_config("huge")
+
+
+def test_position_grid_config_keys(monkeypatch):
+  """config.model.pos_embed_scale / pos_embed_offset select the position grid (for SD3 checkpoints whose stored table
+  is not on diffusers' grid); both can be set from the command line, and None keeps diffusers' formula."""
+  import ml_collections
+  from absl import flags
+  from ml_collections import config_flags
+  from cvd_storm_jax.models.embeddings import PatchEmbed
+  cfg = cvd_dit.default_model_config("tiny")
+  assert cfg.pos_embed_scale is None and cfg.pos_embed_offset == 0.0
+  argv = ["prog", "--config.model.pos_embed_scale=1.0", "--config.model.pos_embed_offset=2"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict({"model": cfg}), flag_values=fv)
+  fv(argv)
+  model_cfg = fv.config.model
+  assert (model_cfg.pos_embed_scale, model_cfg.pos_embed_offset) == (1.0, 2.0)
+  table = cvd_dit.CVDDiT(**model_cfg).bind({}).pos_embed.table().reshape(16, 16, 64)
+  # Column c, row r at coordinates (c - 2, r - 2); channels [x: sin, cos | y: sin, cos], frequencies 1e-4^(i/16).
+  omega = 1e-4 ** (np.arange(16) / 16)
+  np.testing.assert_allclose(table[5, 9, :16], np.sin(7 * omega), atol=1e-6)
+  np.testing.assert_allclose(table[5, 9, 48:], np.cos(3 * omega), atol=1e-6)
+  # Diffusers' formula is the explicit grid arange(M) * base / M.
+  default = cvd_dit.CVDDiT(**cvd_dit.default_model_config("tiny")).bind({}).pos_embed.table()
+  np.testing.assert_allclose(default, PatchEmbed(64, 2, 16, 16, pos_embed_scale=0.5).table(), atol=1e-6)
+  with pytest.raises(ValueError, match="pos_embed_offset=1.0 needs an explicit pos_embed_scale"):
+    PatchEmbed(64, 2, 16, 16, pos_embed_offset=1.0).table()

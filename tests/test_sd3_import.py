@@ -45,15 +45,34 @@ def folder(tmp_path_factory):
   return str(path), model
 
 
-def _variant(src, dst, edit):
-  """Copy of a save_pretrained folder with its state dict edited."""
+def _variant(src, dst, edit, edit_config=None):
+  """Copy of a save_pretrained folder with its state dict (and config.json) edited."""
   os.makedirs(dst)
-  shutil.copy(os.path.join(src, "config.json"), dst)
-  _, state = read_folder(src)
+  config, state = read_folder(src)
+  if edit_config is not None:
+    edit_config(config)
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(config, f)
   state = {k: np.array(v) for k, v in state.items()}
   edit(state)
   save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
   return dst
+
+
+def _write_config_file(path, **model_overrides):
+  """A trainer config file: config.model = the tiny CVD config of cvd_cfg() (+ overrides)."""
+  overrides = json.dumps(dict(num_layers=2, dual_attention_layers=[0], temporal_layers=[1], crossview_layers=[0],
+                              num_adapter_blocks=1, **model_overrides))
+  path.write_text(
+      "import ml_collections\n"
+      "from cvd_storm_jax.models import cvd_dit\n"
+      "def get_config(arg=''):\n"
+      "  assert arg == 'tiny', arg\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.model = cvd_dit.default_model_config(arg)\n"
+      f"  c.model.update({overrides})\n"
+      "  return c\n")
+  return f"{path}:tiny"
 
 
 def test_import_into_cvd_matches_diffusers_per_image(folder):
@@ -162,20 +181,8 @@ def test_torch_key_inverse_covers_every_tensor(folder):
 
 def test_cli_writes_params_for_init_from(folder, tmp_path):
   path, _ = folder
-  cfg_file = tmp_path / "dit_cfg.py"
-  overrides = json.dumps(dict(num_layers=2, dual_attention_layers=[0], temporal_layers=[1], crossview_layers=[0],
-                              num_adapter_blocks=1))
-  cfg_file.write_text(
-      "import ml_collections\n"
-      "from cvd_storm_jax.models import cvd_dit\n"
-      "def get_config(arg=''):\n"
-      "  assert arg == 'tiny', arg\n"
-      "  c = ml_collections.ConfigDict()\n"
-      "  c.model = cvd_dit.default_model_config(arg)\n"
-      f"  c.model.update({overrides})\n"
-      "  return c\n")
   out = str(tmp_path / "ckpt")
-  sd3.main(["--src", path, "--out", out, "--config", f"{cfg_file}:tiny"])
+  sd3.main(["--src", path, "--out", out, "--config", _write_config_file(tmp_path / "dit_cfg.py")])
   loaded = checkpoint.load_params(out)
   assert set(loaded) == {"dit"}  # the trainer's params tree: {"dit": CVDDiT params, ...}
   loaded = loaded["dit"]
@@ -189,3 +196,139 @@ def test_cli_writes_params_for_init_from(folder, tmp_path):
   out2 = str(tmp_path / "ckpt_sd3")
   sd3.main(["--src", path, "--out", out2])
   assert "transformer_blocks_1" in checkpoint.load_params(out2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stored position table on another grid than diffusers' formula (Stability's MMDiTX: unscaled arange).
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stability_grid_folder(folder, tmp_path_factory):
+  """The fixture model with its pos_embed buffer replaced by the table on the unscaled grid arange(16) (diffusers'
+  own function with base_size = grid size: arange(16) / (16 / 16)), saved as diffusers saves it."""
+  from diffusers.models.embeddings import get_2d_sincos_pos_embed
+  _, tmodel = folder
+  model = diffusers.SD3Transformer2DModel.from_config(tmodel.config).eval()
+  model.load_state_dict(tmodel.state_dict())
+  m = SD3_CFG["pos_embed_max_size"]
+  table = get_2d_sincos_pos_embed(64, m, base_size=m, interpolation_scale=1.0, output_type="pt")
+  with torch.no_grad():
+    model.pos_embed.pos_embed.copy_(table.float()[None])
+  path = tmp_path_factory.mktemp("sd3_stability") / "transformer"
+  model.save_pretrained(path)
+  return str(path), model
+
+
+def test_stability_grid_table_imports_with_the_named_override(stability_grid_folder, tmp_path):
+  path, tmodel = stability_grid_folder
+  # Refused, naming the overrides that select the checkpoint's grid (diffusers' formula here: arange(16) * 0.5).
+  with pytest.raises(WeightImportError, match=r"grid arange\(16\) \* 1\.0 - 0\.0 .*--pos_embed_scale=1\.0 "
+                                              r"--pos_embed_offset=0\.0"):
+    sd3.load_sd3_transformer(path)
+  with pytest.raises(WeightImportError, match=r"--config\.model\.pos_embed_scale=1\.0 "
+                                              r"--config\.model\.pos_embed_offset=0\.0"):
+    sd3.import_into_cvd(path, dict(cvd_cfg()))
+  # With them: the Flax forward is diffusers' (which uses the stored buffer).
+  model, params = sd3.load_sd3_transformer(path, pos_embed_scale=1.0, pos_embed_offset=0.0)
+  rng = np.random.default_rng(1)
+  lat = rng.standard_normal((2, 8, 12, 16)).astype(np.float32)  # 4 x 6 tokens: an off-centre crop of the 16 x 16
+  txt = rng.standard_normal((2, 5, 64)).astype(np.float32)
+  pooled = rng.standard_normal((2, 32)).astype(np.float32)
+  ts = np.array([3.0, 800.0], np.float32)
+  out = np.asarray(jax.jit(model.apply)({"params": params}, lat, ts, txt, pooled))
+  with torch.no_grad():
+    ref = tmodel(hidden_states=torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()),
+                 encoder_hidden_states=torch.from_numpy(txt), pooled_projections=torch.from_numpy(pooled),
+                 timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert rel <= 1e-5, rel
+  # The same through both CLI forms (--config.model.* overrides as the trainer takes them).
+  cfg_file = _write_config_file(tmp_path / "dit_cfg.py")
+  sd3.main(["--src", path, "--out", str(tmp_path / "cvd"), "--config", cfg_file,
+            "--config.model.pos_embed_scale=1.0", "--config.model.pos_embed_offset=0.0"])
+  sd3.main(["--src", path, "--out", str(tmp_path / "bare"), "--pos_embed_scale=1.0", "--pos_embed_offset=0.0"])
+  np.testing.assert_array_equal(checkpoint.load_params(str(tmp_path / "cvd"))["dit"]["proj_out"]["kernel"],
+                                checkpoint.load_params(str(tmp_path / "bare"))["proj_out"]["kernel"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fit_pos_grid_reads_scale_and_offset(dtype):
+  import ml_dtypes
+  from cvd_storm_jax.models.embeddings import sincos_pos_embed_2d
+  table = sincos_pos_embed_2d(128, 48, 1, scale=0.75, offset=7.0)[None].astype(getattr(ml_dtypes, dtype, dtype))
+  scale, offset = sd3.fit_pos_grid(table, 48)
+  assert abs(scale - 0.75) < 1e-4 and abs(offset - 7.0) < 1e-3, (scale, offset)
+  cfg = dict(num_attention_heads=2, attention_head_dim=64, pos_embed_max_size=48, patch_size=2, sample_size=32)
+  with pytest.raises(WeightImportError, match=r"pos_embed_scale=0\.75 --config\.model\.pos_embed_offset=7\.0"):
+    sd3._check_pos_embed({"pos_embed.pos_embed": table}, cfg, "t", sd3.cvd_override_hint)
+  sd3._check_pos_embed({"pos_embed.pos_embed": table}, dict(cfg, pos_embed_scale=0.75, pos_embed_offset=7.0), "t",
+                       sd3.cvd_override_hint)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Wrong folders, variant files, configs without newer keys.
+# ----------------------------------------------------------------------------------------------------------------------
+def test_wrong_folders_are_named(folder, tmp_path):
+  path, _ = folder
+  vae = tmp_path / "vae"
+  vae.mkdir()
+  (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 16}))
+  with pytest.raises(WeightImportError, match="_class_name 'AutoencoderKL', expected 'SD3Transformer2DModel'"):
+    sd3.load_sd3_transformer(str(vae))
+  clip = tmp_path / "text_encoder"
+  clip.mkdir()
+  (clip / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+  with pytest.raises(WeightImportError, match="transformers folder: model_type 'clip_text_model'"):
+    sd3.import_into_cvd(str(clip), dict(cvd_cfg()))
+  root = tmp_path / "root"
+  shutil.copytree(path, root / "transformer")
+  with pytest.raises(WeightImportError, match=f"no config.json \\(did you mean {root}/transformer\\?\\)"):
+    sd3.load_sd3_transformer(str(root))
+
+
+def test_variant_files_are_read_apart(folder, tmp_path):
+  import ml_dtypes
+  path, _ = folder
+  both = tmp_path / "both"
+  shutil.copytree(path, both)
+  _, state = read_folder(path)
+  save_file({k: np.asarray(v).astype(np.float16) for k, v in state.items()},
+            str(both / "diffusion_pytorch_model.fp16.safetensors"))
+  _, plain = read_folder(str(both))  # was: "appears in more than one shard"
+  assert {v.dtype for v in plain.values()} == {np.dtype(np.float32)}
+  _, half = read_folder(str(both), variant="fp16")
+  assert {v.dtype for v in half.values()} == {np.dtype(np.float16)}
+  sd3.load_sd3_transformer(str(both), variant="fp16")
+  with pytest.raises(WeightImportError, match=r"no weight files of variant 'bf16'; it has \['plain', 'fp16'\]"):
+    read_folder(str(both), variant="bf16")
+  os.remove(both / "diffusion_pytorch_model.safetensors")  # only the variant left: read, as the one there is
+  _, only = read_folder(str(both))
+  assert set(only) == set(state) and {v.dtype for v in only.values()} == {np.dtype(np.float16)}
+  save_file({k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in state.items()},
+            str(both / "diffusion_pytorch_model.bf16.safetensors"))
+  with pytest.raises(WeightImportError, match=r"only variant weight files \['bf16', 'fp16'\]; pick one"):
+    read_folder(str(both))
+  # diffusers' / transformers' names of plain and variant files, sharded or not.
+  from cvd_storm_jax.pretrained.common import weights_variant
+  names = ("diffusion_pytorch_model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+           "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16-00001-of-00007.safetensors",
+           "diffusion_pytorch_model.safetensors.index.fp16.json")
+  assert [weights_variant(n) for n in names] == [None] * 3 + ["fp16"] * 3
+
+
+def test_config_without_qk_norm_is_diffusers_default(folder, tmp_path):
+  path, _ = folder
+
+  def drop_qk_norm(c):  # SD3-medium's config.json predates the key
+    del c["qk_norm"]
+
+  sd3_medium = _variant(path, str(tmp_path / "sd3_medium"), lambda s: [s.pop(k) for k in list(s) if ".norm_" in k],
+                        drop_qk_norm)
+  with pytest.raises(WeightImportError, match="qk_norm mismatch: checkpoint has none, model config rms_norm") as e:
+    sd3.import_into_cvd(sd3_medium, dict(cvd_cfg()))
+  assert "missing key" not in str(e.value)
+  sd3.import_into_cvd(sd3_medium, dict(cvd_cfg(), qk_norm=None))
+  # The defaults used for absent keys are diffusers' own.
+  import inspect
+  sig = inspect.signature(diffusers.SD3Transformer2DModel.__init__)
+  assert sd3.CONFIG_DEFAULTS == {k: p.default for k, p in sig.parameters.items() if k in sd3.CONFIG_DEFAULTS}
+  assert set(sd3.CONFIG_DEFAULTS) == set(sig.parameters) - {"self"}

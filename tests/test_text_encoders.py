@@ -178,6 +178,19 @@ def test_encode_prompts_without_t5_matches_diffusers(sd3):
   np.testing.assert_array_equal(np.asarray(embeds)[:, 77:], 0)
 
 
+def test_params_stay_on_device_and_a_call_sends_only_ids(sd3):
+  """Params are put on the device once at load: a repeat encode copies nothing host->device implicitly (the fp32
+  T5-XXL was re-sent, 19 GB, on every batch when they were numpy trees handed to the jitted encoder)."""
+  root, _ = sd3
+  encoders = load_sd3_text_encoders(root)
+  want = encoders.encode_prompts(PROMPTS[:2], t5_length=16)  # compiles
+  with jax.transfer_guard_host_to_device("disallow"):
+    got = encoders.encode_prompts(PROMPTS[:2], t5_length=16)
+  np.testing.assert_array_equal(got[0], want[0])
+  leaves = jax.tree.leaves((encoders.clip_l_params, encoders.clip_g_params, encoders.t5_params))
+  assert all(isinstance(x, jax.Array) for x in leaves)
+
+
 def test_bf16_compute_stays_close(sd3):
   """bf16 compute and params (the accelerator recipe) run and stay near fp32; T5 has the riskier additive bias."""
   root, _ = sd3
@@ -211,6 +224,15 @@ def test_import_errors_name_key_and_shapes(sd3, tmp_path):
     load_t5(clip_dir)
   with pytest.raises(WeightImportError, match="does not exist"):
     load_sd3_text_encoders(str(tmp_path / "no_root"))
+  # A checkpoint root, or a diffusers folder, is named before any tensor is read.
+  with pytest.raises(WeightImportError, match=f"no config.json \\(did you mean {root}/text_encoder_3\\?\\)"):
+    load_t5(root)
+  vae = tmp_path / "vae"
+  os.makedirs(vae)
+  (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+  with pytest.raises(WeightImportError, match="diffusers 'AutoencoderKL', not a transformers "
+                                              "CLIPTextModelWithProjection folder"):
+    load_clip(str(vae))
 
   missing = _copy_with(clip_dir, str(tmp_path / "missing"),
                        lambda t: t.pop("text_model.encoder.layers.1.mlp.fc1.weight"))

@@ -92,6 +92,13 @@ def test_import_errors_name_key_and_shapes(folders, tmp_path):
     os.makedirs(tmp_path / "unet")
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     load_vae(str(tmp_path / "unet"))
+  # A text encoder folder (transformers: no _class_name) was taken for a VAE with default settings.
+  os.makedirs(tmp_path / "text_encoder")
+  (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(
+      {"model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"]}))
+  with pytest.raises(WeightImportError, match="transformers 'clip_text_model' model \\(CLIPTextModelWithProjection\\), "
+                                              "not an AutoencoderKL"):
+    load_vae(str(tmp_path / "text_encoder"))
 
   missing = _write_variant(src, str(tmp_path / "missing"), lambda s: s.pop(key))
   with pytest.raises(WeightImportError, match=rf"missing key: torch '{key}' \(64, 64, 3, 3\) for Flax param "

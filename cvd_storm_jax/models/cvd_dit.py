@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax.core import meta
 from jax.ad_checkpoint import checkpoint_name
+from ml_collections import config_dict
 
 from cvd_storm_jax.models.embeddings import (TORCH_INIT, TimestepEmbedding, as_dtype, dense, pixel_unshuffle,
                                              timestep_embedding)
@@ -224,6 +225,9 @@ class CVDDiT(nn.Module):
   caption_projection_dim: int = 1536
   pooled_projection_dim: int = 2048
   pos_embed_max_size: int = 384
+  # Position grid: None = diffusers' formula; else arange * scale - offset (embeddings.pos_embed_coords).
+  pos_embed_scale: float | None = None
+  pos_embed_offset: float = 0.0
   dual_attention_layers: Sequence[int] = tuple(range(13))
   qk_norm: str | None = "rms_norm"
   # Temporal / cross-view blocks.
@@ -372,6 +376,9 @@ def default_model_config(size: str) -> ml_collections.ConfigDict:
                remat_policy="none", attention_impl="auto", dtype="float32", param_dtype="float32")
   else:
     raise ValueError(f"unknown model size {size!r}; choose 'sd35_medium' or 'tiny'")
+  # The position grid (embeddings.pos_embed_coords): None = diffusers' formula. A typed placeholder, so that
+  # --config.model.pos_embed_scale=1.0 can override it on the command line (a plain None field cannot be).
+  cfg.update(pos_embed_scale=config_dict.placeholder(float), pos_embed_offset=0.0)
   return ml_collections.ConfigDict(cfg)
 
 

@@ -6,7 +6,8 @@ Semantics follow diffusers (the reference the SD3.5 weights were trained with), 
   ``downscale_freq_shift``), computed in float32 for any leading shape.
 - ``TimestepEmbedding``: Dense -> SiLU -> Dense (``linear_1`` / ``linear_2``).
 - ``sincos_pos_embed_2d`` + ``crop_pos_embed``: SD3's fixed 2-D sin-cos table of ``pos_embed_max_size``^2 positions,
-  centre-cropped to the token grid (diffusers ``PatchEmbed.cropped_pos_embed``).
+  centre-cropped to the token grid (diffusers ``PatchEmbed.cropped_pos_embed``); its grid is diffusers' formula or an
+  explicit ``arange * pos_embed_scale - pos_embed_offset`` (``pos_embed_coords``).
 - ``PatchEmbed``: the 2x2 patchifying conv written as a Dense on flattened patches (kernel rows ordered (dy, dx, c),
   i.e. a conv's HWIO kernel reshaped) plus the cropped position table.
 - ``TimeTextEmbed``: diffusers ``CombinedTimestepTextProjEmbeddings`` (256-d sinusoid of the timestep through a
@@ -83,27 +84,50 @@ class TimestepEmbedding(nn.Module):
     return dense(self.out_features or self.hidden, ("mlp", "embed"), name="linear_2", **kw)(x)
 
 
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-  """[M] positions -> [M, dim] (sin half, cos half), frequencies 1/10000^(2i/dim); float64 like diffusers."""
-  omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-  omega = 1.0 / 10000.0 ** omega
-  out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+def sincos_frequencies(dim: int) -> np.ndarray:
+  """The dim // 2 frequencies 1 / 10000^(2i / dim) of a dim-wide 1-D sin-cos embedding, falling from 1 (float64)."""
+  return 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """[M] positions -> [M, dim] (sin half, cos half), frequencies ``sincos_frequencies(dim)``; float64 like diffusers."""
+  out = np.outer(pos.reshape(-1).astype(np.float64), sincos_frequencies(dim))
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int, interpolation_scale: float = 1.0
-                        ) -> np.ndarray:
+def pos_embed_coords(grid_size: int, base_size: int, interpolation_scale: float = 1.0,
+                     scale: float | None = None, offset: float = 0.0) -> np.ndarray:
+  """The 1-D coordinates of SD3's position table (the same along rows and columns), [grid_size].
+
+  scale None: diffusers' ``arange(grid_size) / (grid_size / base_size) / interpolation_scale`` in float32, as
+  diffusers computes the table of a freshly built model. scale set: ``arange(grid_size) * scale - offset`` in float64,
+  the explicit grid of a checkpoint whose stored table was computed otherwise; Stability's MMDiTX
+  (``grid / pos_embed_scaling_factor - pos_embed_offset``) is ``scale = 1 / scaling_factor`` (1.0 when None) and
+  ``offset = pos_embed_offset`` (0.0 when None). Diffusers' own grid is ``scale = base_size / (grid_size *
+  interpolation_scale)``, offset 0.
+  """
+  if scale is None:
+    if offset:
+      raise ValueError(f"pos_embed_offset={offset} needs an explicit pos_embed_scale (None = diffusers' grid, which "
+                       "has no offset)")
+    return np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / interpolation_scale
+  return np.arange(grid_size, dtype=np.float64) * float(scale) - float(offset)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int, interpolation_scale: float = 1.0, *,
+                        scale: float | None = None, offset: float = 0.0) -> np.ndarray:
   """SD3's square 2-D sin-cos table.
 
-  Positions are ``arange(grid_size) / (grid_size / base_size) / interpolation_scale``; the first half of the channels
-  encodes the column (x) coordinate, the second half the row (y) coordinate (diffusers' meshgrid order).
+  Positions are ``pos_embed_coords(grid_size, base_size, interpolation_scale, scale, offset)``; the first half of the
+  channels encodes the column (x) coordinate, the second half the row (y) coordinate (diffusers' meshgrid order);
+  each half is (sin of every frequency, then cos of every frequency), frequencies falling from 1.
   Returns [grid_size * grid_size, embed_dim] float32, row-major over (row, col).
   """
   if embed_dim % 4:
     raise ValueError(f"2-D sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
-  coords = np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / interpolation_scale
+  coords = pos_embed_coords(grid_size, base_size, interpolation_scale, scale, offset)
   cols, rows = np.meshgrid(coords, coords, indexing="xy")  # both [rows, cols]
-  emb = np.concatenate([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], axis=1)
+  emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
   return emb.astype(np.float32)
 
 
@@ -143,12 +167,16 @@ class PatchEmbed(nn.Module):
   pos_embed_max_size: int = 96
   sample_size: int = 128  # diffusers' base_size = sample_size // patch_size shapes the table's frequencies.
   interpolation_scale: float = 1.0
+  # Explicit position grid (``pos_embed_coords``): None = diffusers' formula above; set it when a checkpoint's stored
+  # table is on another grid (the SD3 importer reads the grid off the table and names the values to set).
+  pos_embed_scale: float | None = None
+  pos_embed_offset: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def table(self) -> np.ndarray:
     return sincos_pos_embed_2d(self.embed_dim, self.pos_embed_max_size, self.sample_size // self.patch_size,
-                               self.interpolation_scale)
+                               self.interpolation_scale, scale=self.pos_embed_scale, offset=self.pos_embed_offset)
 
   @nn.compact
   def __call__(self, latents: jax.Array) -> jax.Array:
@@ -192,6 +220,7 @@ def pixel_unshuffle(x: jax.Array, r: int) -> jax.Array:
 
 
 __all__ = (
-    "TORCH_INIT", "as_dtype", "dense", "timestep_embedding", "TimestepEmbedding", "sincos_pos_embed_2d",
-    "crop_pos_embed", "patchify", "unpatchify", "PatchEmbed", "TimeTextEmbed", "pixel_unshuffle",
+    "TORCH_INIT", "as_dtype", "dense", "timestep_embedding", "TimestepEmbedding", "sincos_frequencies",
+    "sincos_1d", "pos_embed_coords", "sincos_pos_embed_2d", "crop_pos_embed", "patchify", "unpatchify", "PatchEmbed",
+    "TimeTextEmbed", "pixel_unshuffle",
 )

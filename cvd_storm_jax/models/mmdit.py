@@ -298,6 +298,9 @@ class SD3Transformer(nn.Module):
   pooled_projection_dim: int = 2048
   out_channels: int | None = 16
   pos_embed_max_size: int = 96
+  # Position grid: None = diffusers' formula; else arange * scale - offset (embeddings.pos_embed_coords).
+  pos_embed_scale: float | None = None
+  pos_embed_offset: float = 0.0
   dual_attention_layers: Sequence[int] = ()
   qk_norm: str | None = None
   remat_policy: str = "none"
@@ -330,7 +333,8 @@ def build_mmdit(m: nn.Module) -> None:
   if m.caption_projection_dim != width:
     raise ValueError(f"caption_projection_dim={m.caption_projection_dim} must equal heads*head_dim={width}: the "
                      "joint attention concatenates text and image tokens")
-  m.pos_embed = PatchEmbed(width, m.patch_size, m.pos_embed_max_size, m.sample_size, **kw)
+  m.pos_embed = PatchEmbed(width, m.patch_size, m.pos_embed_max_size, m.sample_size,
+                           pos_embed_scale=m.pos_embed_scale, pos_embed_offset=m.pos_embed_offset, **kw)
   m.time_text_embed = TimeTextEmbed(width, **kw)
   m.context_embedder = dense(m.caption_projection_dim, (None, "embed"), **kw)
   block_cls = remat(JointBlock, m.remat_policy)

@@ -31,6 +31,14 @@ import numpy as np
 from cvd_storm_jax.models.clip import CLIPTextModelWithProjection
 from cvd_storm_jax.models.t5 import T5EncoderModel
 
+
+def params_on_device(tree: Any) -> Any:
+  """Host (numpy) leaves -> arrays on the default device, once. A jitted call copies host arguments to the device on
+  every call (the fp32 T5-XXL is 19 GB per batch); arrays already on a device (e.g. sharded) are kept as they are."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), tree)
+
+
+@jax.jit  # Eagerly, the pad value would be one more host->device copy per call.
 def join_clip_t5(clip: jax.Array, t5: jax.Array) -> jax.Array:
   """diffusers' SD3 join: clip [B, 77, Dl + Dg] zero-padded on channels to t5's width, then put before
   t5 [B, T, D] on the sequence axis -> [B, 77 + T, D]."""
@@ -74,6 +82,10 @@ class SD3TextEncoders:
       if self.t5_params is None or self.tokenizer_t5 is None:
         raise ValueError("a T5 encoder needs its params and tokenizer")
       self.joint_dim = self.t5.config.d_model
+    self.clip_l_params = params_on_device(self.clip_l_params)
+    self.clip_g_params = params_on_device(self.clip_g_params)
+    if self.t5_params is not None:
+      self.t5_params = params_on_device(self.t5_params)
 
   @property
   def clip_length(self) -> int:
@@ -96,7 +108,8 @@ class SD3TextEncoders:
                    ) -> dict[str, jax.Array]:
     """The un-padded pieces: {"clip": [B, 77, Dl + Dg], "t5": [B, t5_length, joint_dim], "pooled": [B, Pl + Pg]}.
     (The precompute store keeps them apart so that it does not write the CLIP zero padding to disk.)"""
-    ids = self.tokenize(prompts, t5_length)
+    # Explicitly: the token ids are the only host->device copy of a call (params live on the device already).
+    ids = jax.device_put(self.tokenize(prompts, t5_length))
     params = {"clip_l": self.clip_l_params, "clip_g": self.clip_g_params}
     if self.t5 is not None:
       params["t5"] = self.t5_params

@@ -2,9 +2,10 @@
 
 Every importer in this package follows the same recipe (maxdiffusion's habit, made strict):
 
-1. ``read_folder`` reads ``config.json`` and every ``*.safetensors`` file of a ``save_pretrained`` folder into a flat
+1. ``read_folder`` reads ``config.json`` and the ``*.safetensors`` files of a ``save_pretrained`` folder into a flat
    ``{torch_key: np.ndarray}`` dict (sharded checkpoints with an ``*.index.json`` are followed; bf16 is kept as
-   ``ml_dtypes.bfloat16`` without a detour through torch).
+   ``ml_dtypes.bfloat16`` without a detour through torch; of ``variant`` copies such as ``*.fp16.safetensors`` only
+   the plain files, or the one asked for, are read).
 2. A list of ``Rule`` s renames each torch key to a '/'-joined Flax param path and says how to lay the tensor out
    (``linear``: (out, in) -> (in, out); ``conv``: OIHW -> HWIO; ``copy``; or any callable).
 3. ``convert`` applies the rules and checks the result against the target's ``jax.eval_shape`` tree: every target leaf
@@ -17,6 +18,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
@@ -27,6 +29,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+
+log = logging.getLogger(__name__)
 
 
 class WeightImportError(ValueError):
@@ -126,16 +130,46 @@ def read_config(folder: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def read_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Returns (config.json contents, {torch_key: array}) of a diffusers/transformers ``save_pretrained`` folder."""
+def weights_variant(name: str) -> str | None:
+  """The save_pretrained ``variant`` a weights file belongs to (diffusers/transformers ``_add_variant`` naming):
+  ``diffusion_pytorch_model.safetensors`` / ``model-00001-of-00002.safetensors`` / ``...safetensors.index.json`` ->
+  None; ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors`` /
+  ``...safetensors.index.fp16.json`` -> "fp16"."""
+  if name.endswith(".json"):
+    m = re.fullmatch(r".*\.safetensors\.index(?:\.(.+))?\.json", name)
+    return None if m is None else m.group(1)
+  stem = re.sub(r"-\d+-of-\d+$", "", name[:-len(".safetensors")])
+  return stem.split(".", 1)[1] if "." in stem else None
+
+
+def read_folder(folder: str, variant: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Returns (config.json contents, {torch_key: array}) of a diffusers/transformers ``save_pretrained`` folder.
+
+  A folder may hold several copies of the weights saved with ``save_pretrained(variant=...)`` beside the plain ones
+  (``*.fp16.safetensors``); only one copy is read. ``variant`` None reads the plain files; if the folder has none and
+  exactly one variant, that one is read (and logged): the importers convert to the target dtype anyway. Several
+  variants and no plain files, or an absent ``variant``, raise WeightImportError naming the variants found.
+  """
   if not os.path.isdir(folder):
     raise WeightImportError(f"weights folder {folder!r} does not exist")
   config = read_config(folder)
-  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-  if not files:
+  names = os.listdir(folder)
+  weights = [f for f in names if f.endswith(".safetensors")]
+  if not weights:
     raise WeightImportError(
         f"{folder!r} has no *.safetensors file (save with safe_serialization=True; .bin pickles are not read)")
-  index = [f for f in os.listdir(folder) if f.endswith(".safetensors.index.json")]
+  found = sorted({weights_variant(f) for f in weights}, key=lambda v: (v is not None, v or ""))
+  if variant is None and None not in found:
+    if len(found) > 1:
+      raise WeightImportError(f"{folder!r} holds only variant weight files {found}; pick one with variant=...")
+    variant = found[0]
+    log.info("%s: no plain *.safetensors, reading the only variant %r", folder, variant)
+  if variant not in found:
+    raise WeightImportError(f"{folder!r} has no weight files of variant {variant!r}; it has "
+                            f"{['plain' if v is None else v for v in found]}")
+  files = sorted(f for f in weights if weights_variant(f) == variant)
+  index = sorted(f for f in names if f.endswith(".json") and ".safetensors.index" in f and
+                 weights_variant(f) == variant)
   if index:
     with open(os.path.join(folder, index[0])) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))

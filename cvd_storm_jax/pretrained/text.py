@@ -17,8 +17,9 @@ import numpy as np
 
 from cvd_storm_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
 from cvd_storm_jax.models.t5 import T5Config, T5EncoderModel
-from cvd_storm_jax.models.text_encoders import SD3TextEncoders
-from cvd_storm_jax.pretrained.common import Rule, WeightImportError, convert, linear, param_shapes, read_folder
+from cvd_storm_jax.models.text_encoders import SD3TextEncoders, params_on_device
+from cvd_storm_jax.pretrained.common import (Rule, WeightImportError, convert, linear, param_shapes, read_config,
+                                             read_folder)
 
 CLIP_RULES = (
     Rule(r"text_model\.embeddings\.token_embedding\.weight", "token_embedding/embedding"),
@@ -51,19 +52,34 @@ T5_RULES = (
 )
 
 
-def _check_model_type(config: dict[str, Any], want: tuple[str, ...], folder: str) -> None:
+def _read_text_config(folder: str, want: tuple[str, ...], what: str, subfolders: tuple[str, ...]) -> dict[str, Any]:
+  """config.json of a transformers ``what`` folder whose model_type is one of ``want``; a checkpoint root (the
+  message names the subfolder meant) or a diffusers folder is refused before any tensor is read."""
+  if not os.path.isdir(folder):
+    raise WeightImportError(f"weights folder {folder!r} does not exist")
+  if not os.path.isfile(os.path.join(folder, "config.json")):
+    subs = [os.path.join(folder, d) for d in subfolders if os.path.isfile(os.path.join(folder, d, "config.json"))]
+    hint = f" (did you mean {' or '.join(subs)}?)" if subs else ": not a save_pretrained folder"
+    raise WeightImportError(f"{folder!r} has no config.json{hint}")
+  config = read_config(folder)
   got = config.get("model_type")
+  if got is None and "_class_name" in config:
+    raise WeightImportError(f"{folder!r}: config.json is a diffusers {config['_class_name']!r}, not a transformers "
+                            f"{what} folder (model_type one of {want})")
   if got not in want:
-    raise WeightImportError(f"{folder!r}: config.json has model_type {got!r}, expected one of {want}")
+    raise WeightImportError(f"{folder!r}: config.json has model_type {got!r}, expected one of {want} ({what})")
+  return config
 
 
-def load_clip(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+def load_clip(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, variant: str | None = None
               ) -> tuple[CLIPTextModelWithProjection, dict]:
-  """Imports a ``CLIPTextModelWithProjection`` folder. Returns (module, params) with params in ``param_dtype``."""
-  config, state = read_folder(folder)
-  _check_model_type(config, ("clip_text_model", "clip"), folder)
+  """Imports a ``CLIPTextModelWithProjection`` folder. Returns (module, params) with params in ``param_dtype``.
+  ``variant``: read the ``*.<variant>.safetensors`` files (``common.read_folder``)."""
+  config = _read_text_config(folder, ("clip_text_model", "clip"), "CLIPTextModelWithProjection",
+                             ("text_encoder", "text_encoder_2"))
   if "text_config" in config:  # a full CLIPModel (vision + text) is a different checkpoint layout
     raise WeightImportError(f"{folder!r} holds a full CLIPModel; save the CLIPTextModelWithProjection instead")
+  _, state = read_folder(folder, variant=variant)
   cfg = CLIPTextConfig.from_hf(config)
   model = CLIPTextModelWithProjection(cfg, dtype=dtype, param_dtype=param_dtype)
   shapes = param_shapes(model.init, jax.random.key(0), jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
@@ -71,12 +87,13 @@ def load_clip(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
   return model, params
 
 
-def load_t5(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> tuple[T5EncoderModel, dict]:
+def load_t5(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, variant: str | None = None
+            ) -> tuple[T5EncoderModel, dict]:
   """Imports a ``T5EncoderModel`` folder (the encoder of a full T5 checkpoint works too; its decoder is skipped)."""
-  config, state = read_folder(folder)
-  _check_model_type(config, ("t5", "umt5"), folder)
+  config = _read_text_config(folder, ("t5", "umt5"), "T5EncoderModel", ("text_encoder_3",))
   if config.get("model_type") == "umt5":
     raise WeightImportError(f"{folder!r}: UMT5 has per-layer position biases, which this T5 encoder does not model")
+  _, state = read_folder(folder, variant=variant)
   cfg = T5Config.from_hf(config)
   state = dict(state)
   # The input embedding is tied: checkpoints hold "shared.weight", "encoder.embed_tokens.weight", or both (equal).
@@ -92,7 +109,6 @@ def load_t5(folder: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.flo
   params = convert(state, T5_RULES, shapes, ignore=(r"decoder\..*", r"lm_head\..*"), dtype=param_dtype,
                    what=f"T5 folder {folder!r}")
   return model, params
-
 
 
 # Sub-folders of a diffusers SD3/SD3.5 checkpoint root.
@@ -120,10 +136,13 @@ def load_t5_tokenizer(folder: str) -> Any:
 
 
 def load_sd3_text_encoders(root: str, *, with_t5: bool = True, dtype: Any = jnp.float32,
-                           param_dtype: Any = jnp.float32, joint_dim: int = 4096) -> SD3TextEncoders:
+                           param_dtype: Any = jnp.float32, joint_dim: int = 4096, variant: str | None = None
+                           ) -> SD3TextEncoders:
   """The SD3 text stack from a diffusers SD3/SD3.5 root (text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/).
 
   with_t5=False skips T5-XXL (its part of the conditioning is then zeros of width ``joint_dim``, as in diffusers).
+  Params are put on the default device as each encoder is read: every encode call then sends only token ids, and
+  the host holds one encoder's numpy copy at a time (T5-XXL in fp32 is 19 GB).
   """
   if not os.path.isdir(root):
     raise WeightImportError(f"SD3 weights root {root!r} does not exist")
@@ -132,9 +151,11 @@ def load_sd3_text_encoders(root: str, *, with_t5: bool = True, dtype: Any = jnp.
     enc_dir, tok_dir = os.path.join(root, enc_dir), os.path.join(root, tok_dir)
     if key == "t5":
       if with_t5:
-        parts["t5"], parts["t5_params"] = load_t5(enc_dir, dtype=dtype, param_dtype=param_dtype)
+        parts["t5"], params = load_t5(enc_dir, dtype=dtype, param_dtype=param_dtype, variant=variant)
+        parts["t5_params"] = params_on_device(params)
         parts["tokenizer_t5"] = load_t5_tokenizer(tok_dir)
     else:
-      parts[key], parts[f"{key}_params"] = load_clip(enc_dir, dtype=dtype, param_dtype=param_dtype)
+      parts[key], params = load_clip(enc_dir, dtype=dtype, param_dtype=param_dtype, variant=variant)
+      parts[f"{key}_params"] = params_on_device(params)
       parts["tokenizer_" + key[-1]] = load_clip_tokenizer(tok_dir)
   return SD3TextEncoders(**parts, joint_dim=joint_dim)

@@ -139,34 +139,49 @@ def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") ->
     raise WeightImportError(f"{where}: {e}") from e
 
 
+def _not_a_vae(config: Mapping[str, Any]) -> str | None:
+  """What a config.json describes when it is not an AutoencoderKL, else None. A transformers folder (a text encoder)
+  has no _class_name but a model_type; a diffusers one names its class."""
+  cls = config.get("_class_name")
+  if cls is None and ("model_type" in config or "architectures" in config):
+    return (f"a transformers {config.get('model_type')!r} model ({', '.join(config.get('architectures') or ())}), "
+            "not an AutoencoderKL")
+  if cls not in (None, "AutoencoderKL"):
+    return f"a diffusers {cls!r}, not an AutoencoderKL"
+  return None
+
+
 def resolve_vae_folder(folder: str) -> str:
   """The AutoencoderKL folder itself, or ``<folder>/vae`` for a checkpoint root; WeightImportError otherwise."""
   if not os.path.isdir(folder):
     raise WeightImportError(f"VAE weights folder {folder!r} does not exist")
   here = os.path.join(folder, "config.json")
-  if os.path.isfile(here) and read_config(folder).get("_class_name", "AutoencoderKL") == "AutoencoderKL":
+  other = _not_a_vae(read_config(folder)) if os.path.isfile(here) else None
+  if os.path.isfile(here) and other is None:
     return folder
   sub = os.path.join(folder, "vae")
   if os.path.isfile(os.path.join(sub, "config.json")):
     return sub
+  found = f" ({here} describes {other})" if other else ""
   raise WeightImportError(
       f"{folder!r} is neither an AutoencoderKL save_pretrained folder (config.json with _class_name "
-      f"'AutoencoderKL') nor a checkpoint root with a vae/ subfolder")
+      f"'AutoencoderKL') nor a checkpoint root with a vae/ subfolder{found}")
 
 
 def load_vae(folder: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-             remat: bool = False) -> tuple[AutoencoderKL, dict]:
+             remat: bool = False, variant: str | None = None) -> tuple[AutoencoderKL, dict]:
   """Reads a diffusers VAE folder (or a checkpoint root with vae/) -> (module, params).
 
   Args:
     folder: see ``resolve_vae_folder``.
     dtype: compute dtype of the returned module; param_dtype: dtype of the returned params.
+    variant: read the ``*.<variant>.safetensors`` files (``common.read_folder``).
   Raises:
     WeightImportError: wrong folder, unsupported config, missing/unexpected keys or shape mismatches (names the key
       and both shapes).
   """
   vae_dir = resolve_vae_folder(folder)
-  config_json, state = read_folder(vae_dir)
+  config_json, state = read_folder(vae_dir, variant=variant)
   cfg = config_from_diffusers(config_json, where=os.path.join(vae_dir, "config.json"))
   module = AutoencoderKL(cfg, remat=remat, dtype=dtype, param_dtype=param_dtype)
   f = cfg.downsample_factor
