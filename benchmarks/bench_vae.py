@@ -3,9 +3,10 @@
   python benchmarks/bench_vae.py                              # SD3.5 VAE, 24 images of 256x448, bf16
   python benchmarks/bench_vae.py --anchor OUT/vae_anchor.json  # + ratios to the diffusers anchor of the same run
   python benchmarks/bench_vae.py --tiny                        # CPU smoke run (reduced width, 2 images of 64x64)
-  bash benchmarks/run_vae_gpu.sh                              # anchor and this script in one GPU session
+  bash benchmarks/run_all_gpu.sh vae                          # anchor and this script in one GPU session
 
-Prints one JSON line. Workloads:
+Prints one JSON line (``timing.emit``; a "partial" line after each measurement, so that a run stopped by a time limit
+keeps the measurements it made). Workloads:
   * encode: posterior mean (encoder + quant conv), bf16 params and compute, like the anchor's ``encode().mean``;
   * decode: from latents, bf16;
   * fwd_bwd_mse: encode, sample, decode, MSE, gradients of all params (fp32 params, bf16 compute) — the anchor's
@@ -28,7 +29,7 @@ from flax.core import meta
 from cvd_storm_jax import losses
 from cvd_storm_jax.models.lpips import LPIPS
 from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, param_count, sample
-from timing import timed  # benchmarks/timing.py
+from timing import emit, timed  # benchmarks/timing.py
 
 
 def _guard(fn):
@@ -55,7 +56,7 @@ def compare_with_anchor(res: dict, path: str) -> dict:
             "fwd_bwd_mse": batch / train_ms * 1e3 if isinstance(train_ms, (int, float)) else None}
   ratio = {}
   for name, other in theirs.items():
-    mine = res[f"{name}_img_per_s"]
+    mine = res.get(f"{name}_img_per_s")
     ratio[name] = round(mine / other, 3) if isinstance(mine, float) and other else None
   return {"anchor": {"gpu": anchor.get("gpu"), **ref}, "ratio_vs_diffusers": ratio}
 
@@ -112,27 +113,30 @@ def main():
   res = {"bench": "vae", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
          "config": "tiny" if args.tiny else "sd35", "params": param_count(params), "batch": batch, "hw": [h, w],
          "dtype": dtype.name, "remat": args.remat}
-  res["encode_s"] = _guard(lambda: timed(encode, params16, x, repeats=repeats))
-  res["decode_s"] = _guard(lambda: timed(decode, params16, z, repeats=repeats))
-  res["fwd_bwd_mse_s"] = _guard(lambda: timed(fwd_bwd, params, x, key, repeats=repeats))
+  names = ("encode", "decode", "fwd_bwd_mse", "train_step")
+
+  def measure(name, fn):
+    s = _guard(fn)
+    res[f"{name}_s"] = s if s == "OOM" else round(s, 5)
+    res[f"{name}_img_per_s"] = s if s == "OOM" else round(batch / s, 2)
+    stats = jax.devices()[0].memory_stats() or {}
+    res["peak_mem_gb"] = round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2)
+    if args.anchor:
+      res.update(compare_with_anchor(res, args.anchor))
+    if name != names[-1]:
+      emit(dict(res, partial=True))
+
+  measure("encode", lambda: timed(encode, params16, x, repeats=repeats))
+  measure("decode", lambda: timed(decode, params16, z, repeats=repeats))
+  measure("fwd_bwd_mse", lambda: timed(fwd_bwd, params, x, key, repeats=repeats))
   del params16
   state = {"p": params, "o": jax.jit(tx.init)(params)}
 
   def run(v, rng):
     state["p"], state["o"], loss = train_step(state["p"], state["o"], v, rng)
     return loss
-  res["train_step_s"] = _guard(lambda: timed(run, x, key, repeats=repeats))
-  for name in ("encode", "decode", "fwd_bwd_mse", "train_step"):
-    s = res[f"{name}_s"]
-    res[f"{name}_img_per_s"] = s if s == "OOM" else round(batch / s, 2)
-    if s != "OOM":
-      res[f"{name}_s"] = round(s, 5)
-  stats = jax.devices()[0].memory_stats() or {}
-  res["peak_mem_gb"] = round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2)
-
-  if args.anchor:
-    res.update(compare_with_anchor(res, args.anchor))
-  print(json.dumps(res))
+  measure("train_step", lambda: timed(run, x, key, repeats=repeats))
+  emit(res)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after the installed package
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
