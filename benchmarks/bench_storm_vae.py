@@ -77,8 +77,7 @@ def plan(cfg, batch) -> None:
           lambda p, b: task.loss_fn(p, b, jax.random.key(1), jnp.int32(10_000))[0], params, abstract)
     trainable = {k: v for k, v in params.items() if k != "lpips"}  # LPIPS is frozen: no gradient, no moments
     state = memory.train_state_bytes(trainable, jax.eval_shape(optax.adamw(1e-4).init, trainable))
-    print(json.dumps({"setting": label, "activations_gb": round(kept / 2 ** 30, 2),
-                      "state_gb": round(state / 2 ** 30, 2)}), flush=True)
+    emit({"setting": label, "activations_gb": round(kept / 2 ** 30, 2), "state_gb": round(state / 2 ** 30, 2)})
 
 
 def main():

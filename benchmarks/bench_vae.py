@@ -129,7 +129,7 @@ def main():
   measure("encode", lambda: timed(encode, params16, x, repeats=repeats))
   measure("decode", lambda: timed(decode, params16, z, repeats=repeats))
   measure("fwd_bwd_mse", lambda: timed(fwd_bwd, params, x, key, repeats=repeats))
-  del params16
+  params16 = None  # freed before the training step (its params are fp32)
   state = {"p": params, "o": jax.jit(tx.init)(params)}
 
   def run(v, rng):
