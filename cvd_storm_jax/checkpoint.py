@@ -145,6 +145,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:  # Orbax: the saved tree or shapes differ from this run's state
+    raise ValueError(f"the checkpoint of step {step} in {manager.directory} does not fit this run's state (was it "
+                     f"trained with another model or optimizer config? compare the workdir's config.json): "
+                     f"{str(e)[:500]}") from e
   except FileNotFoundError as e:
     if "process_" not in str(e):
       raise

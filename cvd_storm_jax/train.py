@@ -206,7 +206,16 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   from etils import epath
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  if is_main:
+  recorded = workdir_path / "config.json"
+  # A workdir holds one run: its record is replaced only once this run has restored from it (below), so that a wrong
+  # --config or --workdir fails without touching it.
+  record_now = not recorded.exists()
+  if not record_now:
+    previous_task = json.loads(recorded.read_text()).get("task")
+    if previous_task != config.get("task"):
+      raise ValueError(f"{workdir} holds a {previous_task!r} run (see its config.json); this config trains "
+                       f"{config.get('task')!r}: give another --workdir")
+  if is_main and record_now:
     _write_config(config, workdir)
 
   # ------------------------------------------------------------------------------------------------------------------
@@ -275,7 +284,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     with config.unlocked():
       config.model.remat_policy = policy
     task = tasks.get_task(config)
-    if is_main:
+    if is_main and record_now:
       _write_config(config, workdir)  # the record of the run names the policy it used
 
   # ------------------------------------------------------------------------------------------------------------------
@@ -317,6 +326,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
                             jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index]),
                             merged, param_shardings)
       state = dict(state, params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
+  if is_main and not record_now:
+    _write_config(config, workdir)  # the state fits: this run's config (overrides such as total_steps) is the record
 
   # ------------------------------------------------------------------------------------------------------------------
   # The update step.

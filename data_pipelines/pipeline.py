@@ -319,6 +319,11 @@ def make_dataset(config: Mapping[str, Any], *, seed: int, process_index: int = 0
   mix = list(config["mix"])
   if not mix:
     raise ValueError("data config 'mix' is empty")
+  if config.get("root") and all(entry[0] == "synthetic" for entry in mix):
+    # The tiny configs draw synthetic clips: a root given to them would be ignored, and the run would train on
+    # synthetic data believing it trains on the dataset.
+    raise ValueError(f"data config root={config['root']!r} but the mix {mix} holds only the synthetic source, which "
+                     "reads no files: to train on converted shards set --config.data.mix=\"(('arrayrecord', 1.0),)\"")
   datasets, weights = [], []
   for k, entry in enumerate(mix):
     if len(entry) not in (2, 3):

@@ -103,14 +103,17 @@ def test_vae_latents_from_diffusers_folder_are_frozen(tmp_path, host_batch):
 
 
 def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
+  """A STORM-VAE export (export_params) names its VAE's architecture in vae_config.json: the DiT builds its encoder
+  from it, with no latents.vae given (the default, the SD3.5 VAE's, would not fit the tiny export)."""
+  from cvd_storm_jax.export_params import write_vae_config
   config = small_dit_config()
   config.latents.kind = "vae"
-  config.latents.vae = TINY_VAE
   from cvd_storm_jax.models import vae as vae_lib
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(**TINY_VAE))
   full = meta.unbox(vae.init(jax.random.key(7), jnp.zeros((1, 32, 64, 3)))["params"])
   path = str(tmp_path / "storm_vae_params")
   ckpt_lib.save_params(path, {"vae": full, "gs": {"w": np.ones((3,), np.float32)}})
+  write_vae_config(path, vae_lib.VAEConfig(**TINY_VAE))
   config.latents.vae_from = path
   task = dit_task.make_task(config)
   batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}

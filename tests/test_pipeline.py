@@ -225,6 +225,8 @@ def test_fixed_padding_and_errors(base_clips):
     pipeline.make_dataset(_config(mix=[("nope", 1.0)]), seed=0)
   with pytest.raises(schema.SampleError, match="num_frames"):
     next(pipeline.make_iterator(_config(mix=[("bad_frames", 1.0)]), seed=0))
+  with pytest.raises(ValueError, match="only the synthetic source"):
+    pipeline.make_dataset(_config(root="/data/shards/nuscenes"), seed=0)
   with pytest.raises(ValueError, match="unknown data config kind"):
     pipeline.default_data_config("huge")
   paper = pipeline.default_data_config("paper")

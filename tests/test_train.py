@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.core import meta
 
-from _configs import REPO, dit, small_dit_config, write_random_dit_params  # noqa: I100 (configs/ as a module)
+from _configs import REPO, dit, small_dit_config, storm_vae, write_random_dit_params  # noqa: I100 (configs/)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax import sharding, tasks
 from cvd_storm_jax.data_pipelines import pipeline
@@ -186,6 +186,15 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, capfd):
   assert [m["step"] for m in _losses(split)] == list(range(1, 2 * n + 1))  # that step's line replaced, not doubled
   finished = train_mod.train(config, split)  # a finished run started again: nothing trains, its results stay
   assert finished["step"] == 2 * n and os.path.exists(os.path.join(split, "final_metrics.json"))
+  # Another task's config, or another model, in this workdir: refused, and the run's config.json left as it was.
+  record = open(os.path.join(split, "config.json")).read()
+  with pytest.raises(ValueError, match="holds a 'dit' run"):
+    train_mod.train(storm_vae.get_config("tiny"), split)
+  deeper = config.copy_and_resolve_references()
+  deeper.model.num_layers = 3
+  with pytest.raises(ValueError, match="does not fit this run's state"):
+    train_mod.train(deeper, split)
+  assert open(os.path.join(split, "config.json")).read() == record
 
   def final_params(workdir):
     m = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=3, async_save=False)

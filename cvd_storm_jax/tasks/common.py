@@ -17,8 +17,11 @@ def load_in_init(fresh: Any, load: Callable[[], Any]) -> Any:
   def host():
     loaded = load()
     if jax.tree.structure(loaded) != jax.tree.structure(shapes):
-      raise ValueError(f"pretrained params do not match the model: {jax.tree.structure(loaded)} vs "
-                       f"{jax.tree.structure(shapes)}")
+      # The paths that differ, not two whole tree dumps: usually a different architecture (layer count, ...).
+      paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
+      extra, missing = sorted(paths(loaded) - paths(shapes)), sorted(paths(shapes) - paths(loaded))
+      raise ValueError(f"pretrained params do not match the model (another architecture?): {len(extra)} params only "
+                       f"in the file, e.g. {extra[:3]}; {len(missing)} only in the model, e.g. {missing[:3]}")
     def cast(path, s, v):
       if tuple(np.shape(v)) != tuple(s.shape):
         raise ValueError(f"pretrained param {jax.tree_util.keystr(path)} has shape {tuple(np.shape(v))}, "

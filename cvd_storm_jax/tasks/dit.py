@@ -27,6 +27,7 @@ cvd_storm_jax/precompute_text.py; ``text.null_embedding`` names the store whose 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import zlib
@@ -159,7 +160,14 @@ class DiTTask:
     if self.vae_from and not self._is_params_file(self.vae_from):
       folder = vae_import.resolve_vae_folder(self.vae_from)
       return vae_import.config_from_diffusers(read_config(folder), where=folder)
-    fields = dict(self.config.latents.get("vae", {}) or {})
+    recorded = os.path.join(self.vae_from, "vae_config.json") if self.vae_from else ""
+    if recorded and os.path.exists(recorded):  # a STORM-VAE export names its VAE's architecture (export_params)
+      with open(recorded) as f:
+        fields = json.load(f)
+    else:
+      fields = dict(self.config.latents.get("vae", {}) or {})
+    if "block_out_channels" in fields:
+      fields["block_out_channels"] = tuple(fields["block_out_channels"])
     return vae_lib.VAEConfig(**fields)
 
   @staticmethod
