@@ -207,15 +207,14 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   recorded = workdir_path / "config.json"
-  # A workdir holds one run: its record is replaced only once this run has restored from it (below), so that a wrong
-  # --config or --workdir fails without touching it.
-  record_now = not recorded.exists()
-  if not record_now:
+  # A workdir holds one run: its record is replaced only once this run's state fits (below), so that a wrong
+  # --config or --workdir fails without touching it; a new workdir is recorded at once.
+  if recorded.exists():
     previous_task = json.loads(recorded.read_text()).get("task")
     if previous_task != config.get("task"):
       raise ValueError(f"{workdir} holds a {previous_task!r} run (see its config.json); this config trains "
                        f"{config.get('task')!r}: give another --workdir")
-  if is_main and record_now:
+  elif is_main:
     _write_config(config, workdir)
 
   # ------------------------------------------------------------------------------------------------------------------
@@ -284,8 +283,6 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
     with config.unlocked():
       config.model.remat_policy = policy
     task = tasks.get_task(config)
-    if is_main and record_now:
-      _write_config(config, workdir)  # the record of the run names the policy it used
 
   # ------------------------------------------------------------------------------------------------------------------
   # State: fresh, or init_from a params file, or resumed from the workdir.
@@ -326,8 +323,9 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
                             jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index]),
                             merged, param_shardings)
       state = dict(state, params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
-  if is_main and not record_now:
-    _write_config(config, workdir)  # the state fits: this run's config (overrides such as total_steps) is the record
+  if is_main:
+    # The state fits: this run's config is the record (the remat policy "auto" chose, overrides such as total_steps).
+    _write_config(config, workdir)
 
   # ------------------------------------------------------------------------------------------------------------------
   # The update step.

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import importlib
 import io
 import json
-import concurrent.futures
 import logging
 import multiprocessing
 import os

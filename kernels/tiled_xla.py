@@ -113,8 +113,8 @@ def intersect(proj: pj.Projected, geom: Geometry, capacity: int) -> Intersection
   # Only the first `capacity` entries are kept: capping the ends there keeps every sum below (jnp.repeat's own
   # cumsum included) exact, and leaves the entries that fit unchanged.
   ends = jnp.minimum(ends, capacity)
-  counts = ends - jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]]) if kn else counts
-  starts = ends - counts
+  starts = jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]]) if kn else ends
+  counts = ends - starts
   slot = jnp.arange(capacity, dtype=jnp.int32)
   if kn:
     src = jnp.repeat(jnp.arange(kn, dtype=jnp.int32), counts, total_repeat_length=capacity)

@@ -166,9 +166,7 @@ class DiTTask:
         fields = json.load(f)
     else:
       fields = dict(self.config.latents.get("vae", {}) or {})
-    if "block_out_channels" in fields:
-      fields["block_out_channels"] = tuple(fields["block_out_channels"])
-    return vae_lib.VAEConfig(**fields)
+    return vae_lib.VAEConfig(**fields)  # (it makes block_out_channels a tuple itself)
 
   @staticmethod
   def _is_params_file(path: str) -> bool:

@@ -55,10 +55,7 @@ def gs_config_from(model_cfg: Any) -> GSDecoderConfig:
 
 
 def vae_config_from(model_cfg: Any) -> vae_lib.VAEConfig:
-  vae = dict(model_cfg.vae)
-  if "block_out_channels" in vae:
-    vae["block_out_channels"] = tuple(vae["block_out_channels"])
-  return vae_lib.VAEConfig(**vae)
+  return vae_lib.VAEConfig(**dict(model_cfg.vae))  # (it makes block_out_channels a tuple itself)
 
 
 def reference_frame_cameras(cam_to_ego: jax.Array, ego_to_world: jax.Array, ref_index: int = 0) -> jax.Array:
