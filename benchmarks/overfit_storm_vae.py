@@ -1,7 +1,7 @@
 r"""Overfit the tiny STORM-VAE on ONE synthetic scene with known geometry: rendered-view PSNR and LiDAR depth error.
 
 tests/test_storm_vae.py::test_overfit_reaches_psnr_and_depth_targets checks the same targets on the test module's
-smaller scene (16x32, 800 steps); this script runs the larger one (and novel times with --novel):
+smaller scene (16x32, 500 steps); this script runs the larger one (and novel times with --novel):
   rendered-view PSNR >= 28 dB and depth RMSE on LiDAR pixels < 5 % of the scene's LiDAR depth range.
 
   python benchmarks/overfit_storm_vae.py [--steps 1500] [--height 32 --width 56] [--views 6] [--novel]

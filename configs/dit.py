@@ -54,7 +54,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # kind "vae": the frozen encoder inside the step, from an SD3.5 root / diffusers VAE folder or a STORM-VAE params
   # export (export_params: the paper's second stage). The paper recipe needs it.
   c.latents.vae_from = ""
-  c.latents.chunk = 12  # images per encoder call inside the step (bounds the encoder's activation memory)
+  # Images per encoder call inside the step (bounds the encoder's activation memory): 19 divides a 19-frame x 6-view
+  # clip's 114 images, so no call is padded.
+  c.latents.chunk = 19
 
   c.text = ml_collections.ConfigDict()
   c.text.kind = "hashed_words" if tiny else "precomputed"

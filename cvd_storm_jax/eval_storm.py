@@ -9,8 +9,8 @@ Metrics (functions usable on their own, numpy in / numpy out, per image then ave
                                       AbsRel = mean |pred - gt| / gt and delta1 = fraction with max(pred/gt, gt/pred)
                                       < 1.25 (paper Table 3b, which prints them in %; there against Depth-Anything
                                       pseudo-GT, here LiDAR). Fractions here: x 100 to compare.
-  LPIPS comes from the task's LPIPS-VGG when the config enables it (``loss.lpips_net = "vgg16"``), on the same
-  clamped renders as PSNR and SSIM.
+  LPIPS comes from the task's LPIPS-VGG weights when the config enables it (``loss.lpips_net = "vgg16"``), in fp32
+  whatever the training dtype, on the same clamped renders as PSNR and SSIM.
 
 Protocol (STORM's eval, storm_dataset.py STORMDatasetEval): deterministic context (posterior mean), targets = every
 non-context frame of the clip, all real views.
@@ -325,9 +325,12 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4
   task = tasks.get_task(config)
   if params is None:
     params = load_checkpoint_params(checkpoint)
-  lpips_fn = task.lpips_fn(params) if "lpips" in params else None
-  if lpips_fn is not None:
-    lpips_fn = jax.jit(lpips_fn)
+  lpips_fn = None
+  if "lpips" in params:
+    from cvd_storm_jax.models.lpips import LPIPS
+    # fp32 whatever the training dtype (the loss's VGG16 runs in bf16 in the recipe): this is the reported metric.
+    lpips_params = params["lpips"]
+    lpips_fn = jax.jit(lambda x0, x1: LPIPS().apply({"params": lpips_params}, x0, x1))
   if num_batches < 0:
     raise ValueError(f"--num_batches={num_batches}: give a positive number of batches, or 0 for the whole data")
   it = pipeline.make_iterator(config.data, seed=config.seed, single_pass=True)
@@ -368,7 +371,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/storm_vae.py:tiny.", lock_config=False)
   flags.DEFINE_string("checkpoint", None, "Trainer workdir, its checkpoints/ folder, or a save_params folder.")
@@ -377,4 +380,5 @@ if __name__ == "__main__":
   flags.DEFINE_float("ply_time", 0.0, "Time (s since the first context frame) of the exported Gaussians.")
   flags.DEFINE_bool("no_media", False, "Skip PNG/MP4/PLY outputs (metrics only).")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
-  app.run(main)
+  from cvd_storm_jax import cli
+  cli.run(main)

@@ -3,7 +3,8 @@
 Used to choose a remat policy for a device before compiling: the policies of ``models.mmdit.REMAT_POLICIES`` trade
 memory for recomputation, and the fastest one is the one that keeps the most while still fitting.
 
-  saved_activation_bytes(loss, params, *inputs)   bytes of the activations autodiff keeps for the backward pass
+  saved_activations(loss, params, nondiff=(batch,))      the values autodiff keeps for the backward pass
+  saved_activation_bytes(loss, params, nondiff=(batch,))  their bytes
   train_state_bytes(params, opt_state[, shardings]) params + gradients + optimizer state (per device if sharded)
   choose_remat_policy(...)                        the least-recomputing policy whose estimate fits a budget
 
@@ -36,27 +37,35 @@ def nbytes(tree: Any, shardings: Any = None) -> int:
   return int(sum(np.prod(shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x, shape in zip(leaves, shapes)))
 
 
-def saved_activation_bytes(loss: Callable[..., jax.Array], *args: Any) -> int:
-  """Bytes of the values ``jax.vjp(loss, *args)`` keeps for the backward pass, the arguments themselves excluded.
+def saved_activations(loss: Callable[..., jax.Array], *args: Any, nondiff: tuple = ()) -> list[jax.ShapeDtypeStruct]:
+  """The values ``jax.vjp`` of ``loss(*args, *nondiff)`` with respect to ``args`` keeps for the backward pass, the
+  arguments themselves excluded, each once.
 
-  args may be arrays or ``jax.ShapeDtypeStruct``s (only traced). Each kept value counts once.
+  args and nondiff may hold arrays or ``jax.ShapeDtypeStruct``s (only traced). ``nondiff`` (e.g. the batch) is not
+  differentiated, as in a training step: differentiating it too would keep values the step never keeps (a float32
+  copy of an fp16 input, masks for its tangent).
   """
-  leaves, treedef = jax.tree.flatten(args)
+  leaves, treedef = jax.tree.flatten((args, nondiff))
 
   def vjp_of_flat(*flat):
-    return jax.vjp(lambda *a: loss(*a), *jax.tree.unflatten(treedef, flat))
+    args, nondiff = jax.tree.unflatten(treedef, flat)
+    return jax.vjp(lambda *a: loss(*a, *nondiff), *args)
 
-  closed = jax.make_jaxpr(vjp_of_flat)(*leaves)
-  jaxpr = closed.jaxpr
-  primal_out = len(jax.tree.leaves(jax.eval_shape(lambda *a: loss(*a), *args)))
+  jaxpr = jax.make_jaxpr(vjp_of_flat)(*leaves).jaxpr
+  primal_out = len(jax.tree.leaves(jax.eval_shape(loss, *args, *nondiff)))
   inputs = set(jaxpr.invars)
-  seen, total = set(), 0
+  seen, saved = set(), []
   for var in jaxpr.outvars[primal_out:]:
     if isinstance(var, Literal) or var in inputs or var in seen:  # literals hold no memory; inputs are not new
       continue
     seen.add(var)
-    total += int(np.prod(var.aval.shape, dtype=np.int64)) * np.dtype(var.aval.dtype).itemsize
-  return total
+    saved.append(jax.ShapeDtypeStruct(var.aval.shape, var.aval.dtype))
+  return saved
+
+
+def saved_activation_bytes(loss: Callable[..., jax.Array], *args: Any, nondiff: tuple = ()) -> int:
+  """Bytes of :func:`saved_activations`."""
+  return nbytes(saved_activations(loss, *args, nondiff=nondiff))
 
 
 def train_state_bytes(params: Any, opt_state: Any, param_shardings: Any = None, opt_shardings: Any = None) -> int:

@@ -102,7 +102,8 @@ def storm_loss(renders: Mapping[str, Array], target_rgb: Array, target_depth: Ar
     view_mask: [B, V]. storm_valid: [B] bool (False: the sample trains the VAE branch only).
     velocities: [B, ...] per-pixel Gaussian velocities (m/s).
     sky_mask: [B, Tt, V, H, W] bool, True = sky; has_sky: [B] bool (samples without sky labels skip the sky term).
-    lpips_fn: needed when weights.lpips != 0; applied from ``weights.lpips_start_step`` on.
+    lpips_fn: needed when weights.lpips != 0; applied from ``weights.lpips_start_step`` on (before it, not computed:
+      the storm_lpips metric reads 0).
   Returns:
     (loss, metrics): metrics are the unweighted valid-sample means storm_{rgb,lpips,depth,sky,flow_reg,psnr} and
     storm_valid_frac.
@@ -139,14 +140,21 @@ def storm_loss(renders: Mapping[str, Array], target_rgb: Array, target_depth: Ar
   if weights.lpips != 0.0:
     if lpips_fn is None:
       raise ValueError(f"storm_loss: LPIPS weight is {weights.lpips} but no lpips_fn was given")
-    lp = _lpips_per_image(lpips_fn, renders["rgb"].astype(jnp.float32), target_rgb.astype(jnp.float32))  # [B, Tt, V]
-    lpw = jnp.broadcast_to(view_mask.astype(jnp.float32)[:, None, :], lp.shape)
-    l_lpips = jnp.sum(lp * lpw, axis=(1, 2)) / jnp.maximum(jnp.sum(lpw, axis=(1, 2)), 1.0)
-    lpips_on = (jnp.asarray(step) >= weights.lpips_start_step).astype(jnp.float32)
-  else:
-    l_lpips, lpips_on = jnp.zeros((b,), jnp.float32), 0.0
 
-  per_sample = (weights.rgb * l_rgb + weights.lpips * lpips_on * l_lpips + weights.depth * l_depth
+    def lpips_term() -> Array:
+      lp = _lpips_per_image(lpips_fn, renders["rgb"].astype(jnp.float32), target_rgb.astype(jnp.float32))  # [B,Tt,V]
+      lpw = jnp.broadcast_to(view_mask.astype(jnp.float32)[:, None, :], lp.shape)
+      return jnp.sum(lp * lpw, axis=(1, 2)) / jnp.maximum(jnp.sum(lpw, axis=(1, 2)), 1.0)
+
+    # Not computed at all before the start step (a cond, not a multiply by 0: VGG16's forward, recompute and backward
+    # over every render would otherwise run for the first lpips_start_step steps).
+    l_lpips = (lpips_term() if weights.lpips_start_step <= 0 else
+               jax.lax.cond(jnp.asarray(step) >= weights.lpips_start_step, lpips_term,
+                            lambda: jnp.zeros((b,), jnp.float32)))
+  else:
+    l_lpips = jnp.zeros((b,), jnp.float32)
+
+  per_sample = (weights.rgb * l_rgb + weights.lpips * l_lpips + weights.depth * l_depth
                 + weights.sky * l_sky + weights.flow_reg * l_flow)
   # where (not a multiply): an invalid sample's loss is exactly 0 whatever its value (also inf/NaN), and so is the
   # cotangent that flows back into its renders and Gaussians.

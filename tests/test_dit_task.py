@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
+from jax.extend.core import jaxprs_in_params
 
 from _configs import small_dit_config  # noqa: I100 (configs/ as modules)
 from cvd_storm_jax import checkpoint as ckpt_lib
@@ -120,6 +121,19 @@ def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
   params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(params["vae"]["encoder"]["conv_in"]["kernel"]),
                                 np.asarray(full["encoder"]["conv_in"]["kernel"]))
+  # The frozen encoder computes in the DiT's dtype: every convolution of a bf16 model's latents is bf16.
+  config.model.dtype = "bfloat16"
+  bf16_task = dit_task.make_task(config)
+  jaxpr = jax.make_jaxpr(lambda p, b: bf16_task._latents(p, b, jax.random.key(0)))(params, batch)
+
+  def eqns(j):  # into the chunked encoder's lax.map
+    for e in j.eqns:
+      yield e
+      for sub in jaxprs_in_params(e.params):
+        yield from eqns(sub)
+
+  convs = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+  assert convs and all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
 
 
 def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):

@@ -1,9 +1,12 @@
 """GS decoder of STORM-VAE: Gaussian layout and activations, view masking, motion, rendering and its gradients."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
+from jax.extend.core import Literal
 
 from cvd_storm_jax.models.gs_decoder import (GSDecoder, apply_exposure, default_gs_decoder_config, flatten,
                                              gaussians_at, pixel_rays, plucker)
@@ -139,3 +142,21 @@ def test_render_shapes_and_gradients(setup):
   # ... and the input latents (so the VAE encoder upstream gets a signal), through real views only.
   assert norm(g_lat[:, :, :2]) > 0
   assert norm(g_lat[:, :, 2]) == 0.0
+
+
+def test_motion_key_head_keeps_its_bf16_input(setup):
+  """bf16 compute with remat: the backward keeps the upscaler's bf16 per-pixel features for the (fp32) motion key
+  head, not an fp32 copy made outside the head's remat (1.3 GiB at the paper size)."""
+  s = setup
+  cfg = dataclasses.replace(s["cfg"], dtype=jnp.bfloat16, remat=True)
+  model = GSDecoder(cfg)
+
+  def velocities(p, lat):
+    return model.apply(p, lat, s["ks"], s["c2r"], s["times"], s["vm"])["velocities"]
+
+  leaves, treedef = jax.tree.flatten((s["params"], s["lat"]))
+  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(velocities, *jax.tree.unflatten(treedef, a)))(*leaves).jaxpr
+  kept = {(jnp.dtype(v.aval.dtype).name, tuple(v.aval.shape)) for v in jaxpr.outvars[1:]
+          if not isinstance(v, Literal) and v not in set(jaxpr.invars)}
+  feats = (B * T * V, H, W, cfg.upscale_channels[-1])
+  assert ("bfloat16", feats) in kept and ("float32", feats) not in kept, kept

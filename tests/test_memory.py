@@ -27,6 +27,11 @@ def test_saved_activation_bytes_counts_what_the_backward_keeps():
       lambda x, w1, w2: jnp.sum(ad_checkpoint.checkpoint_name(jnp.sin(x @ w1), "h") @ w2),
       policy=jax.checkpoint_policies.save_only_these_names("h"))
   assert memory.saved_activation_bytes(named, x, w1, w2) == 4 * 4 * 16
+  # Differentiated for the weights only, as a training step is: sin(x) (w1's gradient needs it), h and cos(x @ w1)
+  # are kept. Differentiating x as well (the batch, as the "auto" remat sizing once did) also kept cos(x).
+  scaled = lambda w1, w2, x: two_layers(jnp.sin(x), w1, w2)
+  assert memory.saved_activation_bytes(scaled, w1, w2, nondiff=(x,)) == 4 * (4 * 8 + 4 * 16 + 4 * 16)
+  assert memory.saved_activation_bytes(scaled, w1, w2, x) == 4 * (2 * 4 * 8 + 4 * 16 + 4 * 16)
 
 
 def test_remat_policies_keep_less_in_order_of_preference():

@@ -1,5 +1,6 @@
 """The Flax SD3.5 VAE against diffusers' AutoencoderKL (random init, reduced width, real block structure), the folder
 importer's error reporting, the chunked/latent-normalisation paths, and a short CPU training run."""
+import collections
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from safetensors.numpy import save_file
 from skimage import data
 
 from cvd_storm_jax import losses
-from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, param_count, sample
+from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, _chunked, param_count, sample
 from cvd_storm_jax.pretrained.common import WeightImportError, param_shapes, read_folder, rename
 from cvd_storm_jax.pretrained.vae import load_vae, vae_rules
 
@@ -194,6 +195,102 @@ def test_chunked_paths_and_sd3_latent_normalisation(tiny_vae):
   np.testing.assert_allclose(img_c, img, rtol=1e-4, atol=5e-5)
   with pytest.raises(ValueError, match="not a multiple of the VAE's downsample factor 8"):
     jax.eval_shape(lambda v: vae.apply({"params": params}, v, method=vae.encode), x[:, :12])
+
+
+def test_chunked_balances_chunks():
+  """steps = ceil(N / chunk) chunks of ceil(N / steps): fewer than ``steps`` padded items, never over ``chunk``."""
+  for n, chunk, want in ((25, 12, 9), (114, 12, 12), (10, 4, 4), (7, 3, 3), (13, 6, 5), (5, 5, 5)):
+    sizes = []
+
+    def fn(c):
+      sizes.append(c.shape[0])  # traced once: the size of every chunk
+      return {"a": c * 2.0, "b": c.sum(axis=1)}
+    x = jnp.arange(n * 2, dtype=jnp.float32).reshape(n, 2)
+    out = _chunked(fn, x, chunk)
+    assert sizes == [want], (n, chunk, sizes)
+    steps = -(-n // chunk)
+    assert want <= chunk and (steps * want - n < steps if n > chunk else want == n)
+    np.testing.assert_array_equal(out["a"], x * 2.0)
+    np.testing.assert_array_equal(out["b"], x.sum(axis=1))
+
+
+def _residuals(f, *args) -> collections.Counter:
+  """{(dtype, shape): count} of what ``jax.vjp(f, *args)`` keeps for the backward pass, arguments excluded
+  (the analysis of ``memory.saved_activation_bytes``, itemised)."""
+  from jax.extend.core import Literal
+  leaves, treedef = jax.tree.flatten(args)
+  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *jax.tree.unflatten(treedef, a)))(*leaves).jaxpr
+  n_out = len(jax.tree.leaves(jax.eval_shape(f, *args)))
+  inputs, seen, out = set(jaxpr.invars), set(), collections.Counter()
+  for v in jaxpr.outvars[n_out:]:
+    if not isinstance(v, Literal) and v not in inputs and v not in seen:
+      seen.add(v)
+      out[(jnp.dtype(v.aval.dtype).name, tuple(v.aval.shape))] += 1
+  return out
+
+
+def _bytes(res: collections.Counter) -> int:
+  return sum(n * int(np.prod(s)) * jnp.dtype(d).itemsize for (d, s), n in res.items())
+
+
+def test_remat_keeps_the_param_tree_and_the_numbers(tiny_vae):
+  """remat (resnets, mid attention, resamplers, GN-SiLU-conv_out tails) changes neither params nor numbers (fp32)."""
+  vae, params = tiny_vae
+  vae_r = AutoencoderKL(vae.config, remat=True)
+  shapes = lambda m: {k: v.shape for k, v in traverse_util.flatten_dict(
+      param_shapes(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))).items()}
+  assert shapes(vae_r) == shapes(vae)  # same names (diffusers import, checkpoints) and shapes
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (1, 16, 24, 3)), jnp.float32)
+  tgt = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, x.shape), jnp.float32)
+
+  def loss(m):
+    def f(p, x):
+      recon, mean, logvar = m.apply({"params": p}, x, jax.random.PRNGKey(2))
+      return jnp.mean(jnp.square(recon - tgt)) + 1e-2 * jnp.mean(jnp.square(mean) + jnp.exp(logvar))
+    # Runs once: XLA's backend optimisations off compile it ~4x faster on CPU (and cannot differ between the two).
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(params, x).compile(
+        {"xla_backend_optimization_level": 0})
+
+  (l0, g0), (l1, g1) = loss(vae)(params, x), loss(vae_r)(params, x)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  # Same maths; only XLA's fusion and summation order differ: fp32 round-off, relative to each gradient's scale
+  # (without remat, this program at XLA optimisation levels 0 and 3 differs by up to 7e-6; remat on/off: 9e-6).
+  # The attention's key bias is left out: its gradient is zero up to round-off (softmax over keys is invariant to a
+  # shift q.b_k common to all keys), so its relative error is noise over noise.
+  errs = {jax.tree_util.keystr(path): _rel(a, np.asarray(b))
+          for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0))
+          if "'to_k']['bias'" not in jax.tree_util.keystr(path)}
+  worst = max(errs, key=errs.get)
+  print(f"remat on vs off: worst gradient max rel err {errs[worst]:.2e} ({worst}) over {len(errs)} arrays")
+  assert errs[worst] <= 3e-5 and len(errs) == len(jax.tree.leaves(params)) + 1 - 2  # + the input, - 2 key biases
+
+
+def test_remat_keeps_only_module_inputs(tiny_vae):
+  """bf16 compute with remat: the backward keeps no fp32 activation (GroupNorm statistics of the GN-SiLU-conv_out
+  tails, the mid attention's softmax), and at full resolution only the inputs of the last up block's resnets and of
+  the decoder tail (not the tail's GN/SiLU intermediates, not the upsampler's 4x larger nearest-upsampled input)."""
+  vae, params = tiny_vae
+  cfg = vae.config
+  b, hh, ww, f = 2, 32, 48, cfg.downsample_factor
+  kept = {}
+  for remat in (False, True):
+    m = AutoencoderKL(cfg, remat=remat, dtype=jnp.bfloat16)
+    z = jax.ShapeDtypeStruct((b, hh // f, ww // f, cfg.latent_channels), jnp.float32)
+    x = jax.ShapeDtypeStruct((b, hh, ww, 3), jnp.float32)
+    dec = _residuals(lambda p, z: m.apply({"params": p}, z, method=m.decode), params, z)
+    enc = _residuals(lambda p, x: m.apply({"params": p}, x, method=m.encode), params, x)
+    kept[remat] = dec, enc
+  (dec0, enc0), (dec, enc) = kept[False], kept[True]
+  print(f"kept bytes, remat off -> on: decoder {_bytes(dec0)} -> {_bytes(dec)}, encoder {_bytes(enc0)} -> "
+        f"{_bytes(enc)}")
+  lat = (b, hh // f, ww // f, cfg.latent_channels)
+  assert not [k for k in dec if k[0] == "float32"], dec
+  assert not [k for k in enc if k[0] == "float32" and k[1] != lat], enc  # (the logvar clamp keeps its input)
+  c_last, c_prev = cfg.block_out_channels[0], cfg.block_out_channels[1]
+  full = {k: n for k, n in dec.items() if int(np.prod(k[1])) >= b * hh * ww * c_last}  # full-resolution tensors
+  # up_blocks_-1: resnets_0 input (c_prev channels, upsampled), resnets_1.. and tail inputs (c_last channels).
+  assert full == {("bfloat16", (b, hh, ww, c_prev)): 1, ("bfloat16", (b, hh, ww, c_last)): cfg.layers_per_block + 1}
+  assert _bytes(dec) < 0.6 * _bytes(dec0) and _bytes(enc) < _bytes(enc0)
 
 
 def test_bf16_compute_close_to_fp32(tiny_vae):

@@ -178,6 +178,10 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """x: [..., D_in] in any float dtype -> [..., out] in ``dtype`` (default cfg.dtype)."""
+    # Cast here, inside the module and so inside its remat: the backward then keeps the caller's (bf16) input rather
+    # than an fp32 copy made outside (motion_key_head: [T V, H, W, 128] per-pixel features, 1.3 GiB at the paper size).
+    x = x.astype(self.dtype or self.cfg.dtype)
     x = _dense(self.hidden, ("embed", "mlp"), self.cfg, dtype=self.dtype, name="fc1")(x)
     x = nn.silu(x) if self.silu else nn.gelu(x, approximate=False)
     return _dense(self.out, ("mlp", "embed"), self.cfg, dtype=self.dtype, name="fc2")(x)
@@ -365,7 +369,8 @@ class GSDecoder(nn.Module):
 
     # Velocities: softmax mix of motion-token bases (STORM's motion predictor).
     feats = self.upscaler(img)  # [BTV, H, W, C]
-    keys = self.motion_key_head(feats.astype(jnp.float32)).reshape(b, t, v, height, width, cfg.motion_dim)
+    # The head computes in fp32 and casts feats itself (see Mlp).
+    keys = self.motion_key_head(feats).reshape(b, t, v, height, width, cfg.motion_dim)
     mt = motion_tok.astype(jnp.float32)
     q = nn.gelu(jnp.einsum("bkd,kde->bke", mt, self.query_w1) + self.query_b1, approximate=False)
     q = jnp.einsum("bke,kec->bkc", q, self.query_w2) + self.query_b2  # [B, K, motion_dim]

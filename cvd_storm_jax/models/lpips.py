@@ -61,15 +61,15 @@ class LPIPS(nn.Module):
       raise ValueError(f"LPIPS expects two [B, H, W, 3] images of equal shape, got {x0.shape} and {x1.shape}")
     b = x0.shape[0]
     shift, scale = jnp.asarray(_SHIFT, jnp.float32), jnp.asarray(_SCALE, jnp.float32)
-    # Both images through the backbone in one batch (one set of convolutions).
-    x = (jnp.concatenate([x0, x1], axis=0).astype(jnp.float32) - shift) / scale
-    feats = VGG16Features(self.dtype, self.param_dtype, name="vgg")(x.astype(self.dtype))
+    vgg = VGG16Features(self.dtype, self.param_dtype, name="vgg")
+    # The two images through the backbone one after the other, not as one concatenated batch: in a loss x1 is the
+    # data, and with one batch the backward pass ran every transposed convolution over both halves.
+    feats0, feats1 = [vgg(((x.astype(jnp.float32) - shift) / scale).astype(self.dtype)) for x in (x0, x1)]
     total = jnp.zeros((b,), jnp.float32)
-    for i, f in enumerate(feats):
-      f = _unit_normalize(f)
-      d = jnp.square(f[:b] - f[b:])
+    for i, (f0, f1) in enumerate(zip(feats0, feats1)):
+      d = jnp.square(_unit_normalize(f0) - _unit_normalize(f1))
       # lpips' NetLinLayer: dropout (inactive at eval) + 1x1 conv to one channel without bias.
-      w = self.param(f"lin{i}", nn.initializers.ones_init(), (f.shape[-1],), self.param_dtype)
+      w = self.param(f"lin{i}", nn.initializers.ones_init(), (d.shape[-1],), self.param_dtype)
       total = total + jnp.mean(jnp.einsum("bhwc,c->bhw", d, w.astype(jnp.float32),
                                           precision=jax.lax.Precision.HIGHEST), axis=(1, 2))
     return total

@@ -78,13 +78,14 @@ _TORCH_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+          padding: Any = None, parent: Any = None) -> nn.Conv:
   if padding is None:
     padding = ((kernel // 2, kernel // 2),) * 2
+  kw = {} if parent is None else dict(parent=parent)  # parent: set by _out_tail (a module inside a lifted function)
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(_TORCH_INIT, (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), name=name)
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), name=name, **kw)
 
 
 class GroupNorm(nn.Module):
@@ -182,7 +183,10 @@ class MidBlock(nn.Module):
     block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
     x = block(self.channels, self.groups, self.eps, name="resnets_0", **kw)(x)
     if self.add_attention:
-      x = MidAttention(self.groups, self.eps, name="attentions_0", **kw)(x)
+      # head_dim = channels goes through XLA attention, which keeps the fp32 softmax [B, hw, hw] (SD3.5 at 256x448:
+      # 24 x 1792^2 per image batch) and the q/k/v projections; remat keeps only the block input.
+      attn = nn.remat(MidAttention) if self.remat else MidAttention
+      x = attn(self.groups, self.eps, name="attentions_0", **kw)(x)
     return block(self.channels, self.groups, self.eps, name="resnets_1", **kw)(x)
 
 
@@ -224,8 +228,28 @@ class ResnetStack(nn.Module):
       x = block(self.channels, self.groups, self.eps, name=f"resnets_{j}", **kw)(x)
     if self.resample is not None:
       down = self.resample == "down"
-      x = Resample(self.channels, down, name="downsamplers_0" if down else "upsamplers_0", **kw)(x)
+      # Remat keeps the upsampler's input instead of the 4x larger nearest-upsampled conv input.
+      resample = nn.remat(Resample) if self.remat else Resample
+      x = resample(self.channels, down, name="downsamplers_0" if down else "upsamplers_0", **kw)(x)
     return x
+
+
+def _out_tail(mdl: nn.Module, h: jax.Array, features: int, cfg: VAEConfig, remat: bool, dtype: Dtype,
+              param_dtype: Dtype) -> jax.Array:
+  """The encoder's / decoder's GN -> SiLU -> 3x3 ``conv_out``. h: [B, H, W, C] -> [B, H, W, features].
+
+  Params stay ``<mdl>/conv_norm_out`` and ``<mdl>/conv_out`` (diffusers names): the tail is a function lifted over
+  ``mdl`` rather than a submodule. With ``remat`` the backward keeps only h: otherwise the decoder's tail at full
+  resolution keeps GroupNorm's fp32 intermediates, its output and the SiLU's (SD3.5, 24 x 256 x 448 x 128: ~6.6 GiB
+  where h is 0.66 GiB in bf16).
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+
+  def tail(m: nn.Module, x: jax.Array) -> jax.Array:
+    x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", parent=m, **kw)(x))
+    return _conv(features, 3, "conv_out", parent=m, **kw)(x)
+
+  return (nn.remat(tail) if remat else tail)(mdl, h)
 
 
 class Encoder(nn.Module):
@@ -246,8 +270,7 @@ class Encoder(nn.Module):
                       cfg.norm_eps, self.remat, name=f"down_blocks_{i}", **kw)(h)
     h = MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, cfg.norm_eps, self.remat,
                  name="mid_block", **kw)(h)
-    h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
-    return _conv(2 * cfg.latent_channels, 3, "conv_out", **kw)(h)
+    return _out_tail(self, h, 2 * cfg.latent_channels, cfg, self.remat, **kw)
 
 
 class Decoder(nn.Module):
@@ -268,8 +291,7 @@ class Decoder(nn.Module):
     for i, c in enumerate(chans):
       h = ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < len(chans) - 1 else None,
                       cfg.norm_eps, self.remat, name=f"up_blocks_{i}", **kw)(h)
-    h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
-    return _conv(cfg.out_channels, 3, "conv_out", **kw)(h)
+    return _out_tail(self, h, cfg.out_channels, cfg, self.remat, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,7 +308,9 @@ class AutoencoderKL(nn.Module):
 
   Attributes:
     config: the architecture (``VAEConfig``).
-    remat: rematerialise resnet blocks in the backward pass (training memory).
+    remat: rematerialise in the backward pass (training memory) the resnet blocks, the mid-block attention, the
+      resamplers and the GN-SiLU-conv_out tails of encoder and decoder; the backward then keeps only their inputs.
+      Changes neither the params (names, shapes) nor the numbers.
     dtype: compute dtype (bf16 in recipes); param_dtype: storage dtype of params (fp32). GroupNorm stats in fp32.
   """
   config: VAEConfig = dataclasses.field(default_factory=VAEConfig)
@@ -377,14 +401,17 @@ def _check_image(x: jax.Array, cfg: VAEConfig) -> None:
 
 
 def _chunked(fn: Callable[[jax.Array], Any], x: jax.Array, chunk: int) -> Any:
-  """Applies ``fn`` to x[N, ...] in chunks of ``chunk`` along axis 0 with ``lax.map`` (one chunk live at a time);
-  the tail is padded with copies of the last item and dropped afterwards."""
+  """Applies ``fn`` to x[N, ...] with ``lax.map`` over ``steps = ceil(N / chunk)`` equal chunks of
+  ``ceil(N / steps) <= chunk`` items (one chunk live at a time). Balancing the chunks pads fewer than ``steps``
+  items (copies of the last one, dropped afterwards) instead of up to ``chunk - 1``: e.g. N = 25, chunk 12 runs
+  3 x 9 (2 padded), not 3 x 12 (11 padded)."""
   if chunk <= 0:
     raise ValueError(f"chunk must be positive, got {chunk}")
   n = x.shape[0]
   if n <= chunk:
     return fn(x)
   steps = math.ceil(n / chunk)
+  chunk = math.ceil(n / steps)
   pad = steps * chunk - n
   if pad:
     x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)

@@ -103,7 +103,9 @@ class StormVAETask:
       raise ValueError("config.loss.lpips_net='none' needs loss.vae.lpips = loss.storm.lpips = 0")
     if self.lpips_net == "vgg16":
       from cvd_storm_jax.models.lpips import LPIPS
-      self.lpips = LPIPS()
+      # VGG16 in the model's compute dtype (bf16 in the recipe: ~4% of the step's FLOPs); the unit-normalised
+      # features and the linear layers stay fp32 inside.
+      self.lpips = LPIPS(dtype=dt)
     # Recompute the VGG16 features in the backward pass instead of keeping them (~23 GiB at the paper scale).
     self.lpips_remat = bool(lw.get("lpips_remat", False))
     self._flops_cache: dict[Any, float] = {}
