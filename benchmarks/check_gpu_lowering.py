@@ -5,7 +5,7 @@ function for a platform other than the local one, so the Pallas -> Triton loweri
 run for real here, at the paper shapes (arguments are `jax.ShapeDtypeStruct`s: nothing is allocated). For the run,
 `jax.default_backend()` reports "gpu", so every "auto" choice resolves as on a GPU (Pallas kernels, not interpreted;
 cuDNN attention for bf16), and the cuDNN version / compute-capability probes, which need a GPU, answer "cuDNN 9.10 on
-a Hopper" (the H100/H200 of the GPU machine).
+a Hopper" (the H100/H200 of the GPU machine). What this and check_tpu_lowering.py share is in lowering.py.
 
   python benchmarks/check_gpu_lowering.py                      # all parts
   python benchmarks/check_gpu_lowering.py --part rasterizer    # rasterizer | dit | storm_vae
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -30,34 +29,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import export
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after the installed package
+from lowering import (custom_calls, export_text, pretend_backend, rasterizer_problem, run_parts,
+                      storm_vae_setup)  # benchmarks/lowering.py
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
                "__cudnn$fmhaScaleBiasSoftmaxBackward")
+GPU_CALLS = (TRITON_CALL,) + CUDNN_CALLS
 
 
-@contextlib.contextmanager
 def pretend_gpu():
   """Inside, the "auto" choices and the cuDNN probes answer as on an H100/H200; restored on exit."""
   from jax._src.cudnn import fused_attention_stablehlo as fa
-  fakes = {(fa, "check_cudnn_version"): lambda: 91000,
-           (fa, "check_compute_capability"): lambda capability: tuple(map(int, capability.split("."))) <= (9, 0),
-           (fa, "is_cuda_compute_capability_equal"): lambda capability: capability == "9.0",
-           (jax, "default_backend"): lambda: "gpu"}
-  for module, name in fakes:
-    if not hasattr(module, name):
-      raise RuntimeError(f"jax {jax.__version__}: {module.__name__}.{name} is gone; update pretend_gpu()")
-  saved = {key: getattr(*key) for key in fakes}
-  try:
-    for (module, name), fake in fakes.items():
-      setattr(module, name, fake)
-    yield
-  finally:
-    for (module, name), original in saved.items():
-      setattr(module, name, original)
+  return pretend_backend("gpu", {
+      (fa, "check_cudnn_version"): lambda: 91000,
+      (fa, "check_compute_capability"): lambda capability: tuple(map(int, capability.split("."))) <= (9, 0),
+      (fa, "is_cuda_compute_capability_equal"): lambda capability: capability == "9.0"})
 
 
 @contextlib.contextmanager
@@ -82,17 +70,7 @@ def capture_triton_ir():
 
 
 def export_for_cuda(fn, *args) -> str:
-  checks = [export.DisabledSafetyCheck.custom_call(t) for t in (TRITON_CALL,) + CUDNN_CALLS]
-  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
-
-
-def custom_calls(text: str) -> dict[str, int]:
-  found = {}
-  for target in (TRITON_CALL,) + CUDNN_CALLS:
-    n = text.count(f"@{target}(")
-    if n:
-      found[target] = n
-  return found
+  return export_text(fn, "cuda", *args, allow=GPU_CALLS)
 
 
 def compile_with_triton(modules, num_warps: int = 8) -> list[dict]:
@@ -135,19 +113,12 @@ def check_rasterizer(args) -> dict:
   """STORM-VAE scale (peer-anchors.md): 2.75 M Gaussians into 18 images of 256x448, 6 features + depth, forward and
   backward through the Pallas kernels, for each of the backward's reductions."""
   from cvd_storm_jax import kernels
-  n, k, h, w, c = 4 * 6 * 256 * 448, 18, 256, 448, 6
-  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  shapes = (f32(n, 3), f32(n, 4), f32(n, 3), f32(n), f32(n, c), f32(k, 4, 4), f32(k, 3, 3))
-  result = {"part": "rasterizer", "gaussians": n, "images": k, "hw": [h, w], "features": c, "ok": True}
+  result = {"part": "rasterizer", **rasterizer_problem()[0], "ok": True}
   for reduction in kernels.PALLAS_REDUCTIONS:
-    def loss(means, quats, scales, opacities, features, viewmats, ks):
-      out = kernels.rasterize(means, quats, scales, opacities, features, viewmats, ks, w, h, backend="auto",
-                              pallas_reduction=reduction)
-      return jnp.sum(out.features) + jnp.sum(out.depth) + jnp.sum(out.alpha)
-
+    _, shapes, loss = rasterizer_problem(reduction)
     t0 = time.perf_counter()
     with capture_triton_ir() as modules:
-      found = custom_calls(export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes))
+      found = custom_calls(export_for_cuda(jax.grad(loss, argnums=tuple(range(5))), *shapes), GPU_CALLS)
     part = with_compiled_kernels({"lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
                                   "kernels": sorted(name for name, _ in modules),
                                   "ok": found.get(TRITON_CALL) == 2}, modules, args)
@@ -186,7 +157,7 @@ def lower_dit(size: str, frames: int, views: int, latent_hw: tuple[int, int], te
   def loss(p, *x):
     return jnp.mean(jnp.square(model.apply({"params": p}, *x).astype(jnp.float32)))
 
-  found = custom_calls(export_for_cuda(jax.grad(loss), params, *inputs))
+  found = custom_calls(export_for_cuda(jax.grad(loss), params, *inputs), GPU_CALLS)
   layers = (cfg.num_layers + len(cfg.dual_attention_layers) + len(cfg.temporal_layers) + len(cfg.crossview_layers))
   cudnn_bwd = sum(n for name, n in found.items() if name.startswith("__cudnn") and name.endswith("Backward"))
   return {"params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "remat": remat,
@@ -207,22 +178,14 @@ def check_storm_vae(args) -> dict:
   """The paper-scale STORM-VAE loss and gradient (4 context frames x 6 views at 256x448, 3 targets): cuDNN attention
   in the GS decoder, the Pallas rasterizer under the renderer's vmaps."""
   from flax.core import meta
-
-  from configs.storm_vae import get_config
-  from cvd_storm_jax.tasks import get_task
-  cfg = get_config("")
-  cfg.storm.context_frames = (0, 6, 12, 18)
-  cfg.storm.num_targets = 3
-  task = get_task(cfg)
-  from bench_storm_vae import _batch  # benchmarks/: one synthetic 6-view clip at 256x448
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(task, 256, 448, 19))
+  _, task, batch = storm_vae_setup()
   params = jax.eval_shape(lambda r, b: meta.unbox(task.init(r, b)), jax.random.key(0), batch)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   t0 = time.perf_counter()
   grad_fn = jax.grad(lambda p, b, r: task.loss_fn(p, b, r, jnp.int32(10_000))[0])
   with capture_triton_ir() as modules:
     text = export_for_cuda(grad_fn, params, batch, rng)
-  found = custom_calls(text)
+  found = custom_calls(text, GPU_CALLS)
   result = {"part": "storm_vae", "lower_s": round(time.perf_counter() - t0, 1), "custom_calls": found,
             "kernels": sorted({name for name, _ in modules}),
             "ok": found.get(TRITON_CALL, 0) >= 2 and any(name.startswith("__cudnn") for name in found)}
@@ -239,16 +202,7 @@ def main():
   args = ap.parse_args()
   if jax.devices()[0].platform == "gpu":
     print("a GPU is present: run the benchmarks instead (benchmarks/run_all_gpu.sh)", file=sys.stderr)
-  failed = False
-  for name in PARTS if args.part == "all" else [args.part]:
-    try:
-      with pretend_gpu():
-        result = PARTS[name](args)
-    except Exception as e:  # noqa: BLE001 - one JSON line per part, then a non-zero exit
-      result = {"part": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:3000]}"}
-    failed |= not result["ok"]
-    print(json.dumps(result), flush=True)
-  sys.exit(1 if failed else 0)
+  sys.exit(run_parts(PARTS, list(PARTS) if args.part == "all" else [args.part], args, pretend_gpu))
 
 
 if __name__ == "__main__":

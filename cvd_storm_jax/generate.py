@@ -376,6 +376,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from cvd_storm_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

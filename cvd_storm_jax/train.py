@@ -23,6 +23,8 @@ from typing import Any, Callable
 from absl import app, flags
 from ml_collections import config_flags
 
+from cvd_storm_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/dit.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics go.")
@@ -107,12 +109,80 @@ def _resolve_remat_policy(config: Any, mesh: Any, rules: Any, abstract_batch: An
     task = tasks.get_task(trial)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return memory.saved_activation_bytes(lambda p, b: task.loss_fn(p, b, rng, step)[0], abstract_params,
-                                           abstract_batch)
+                                           nondiff=(abstract_batch,))
 
   policy, measured = memory.choose_remat_policy(activation_bytes, state_bytes, budget)
   log.info("remat_policy auto -> %s (per device: state %.1f GiB, activations %.1f GiB, budget %.1f GiB)", policy,
            state_bytes / 2 ** 30, measured[policy] / 2 ** 30, budget / 2 ** 30)
   return policy
+
+
+def make_fresh_state(task: Any, tx: Any, abstract_batch: Any) -> Callable[[Any], dict]:
+  """rng -> a fresh train state {step, params, opt_state, nonfinite_total, nonfinite_run} (jit it with the state's
+  shardings as out_shardings). abstract_batch: the global batch's ShapeDtypeStructs."""
+  import jax
+  import jax.numpy as jnp
+  from flax.core import meta
+
+  def fresh_state(rng):
+    # init needs shapes only: zeros stand in for a batch (no host batch is consumed, whatever the mesh).
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch)
+    params = meta.unbox(task.init(rng, batch))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "nonfinite_total": jnp.zeros((), jnp.int32), "nonfinite_run": jnp.zeros((), jnp.int32)}
+
+  return fresh_state
+
+
+def make_state_shardings(tx: Any, abstract_params: Any, param_shardings: Any, mesh: Any) -> dict:
+  """The train state's shardings (the structure of :func:`make_fresh_state`'s state): optimizer moments follow their
+  params' shardings; counts and scalars are replicated."""
+  import jax
+
+  from cvd_storm_jax import sharding
+  repl = sharding.replicated(mesh)
+  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_shardings,
+                                       repl)
+  return {"step": repl, "params": param_shardings, "opt_state": opt_shardings, "nonfinite_total": repl,
+          "nonfinite_run": repl}
+
+
+def make_update(task: Any, tx: Any, lr_schedule: Callable, accum: int = 1, mesh: Any = None,
+                param_shardings: Any = None) -> Callable:
+  """The trainer's step (state, batch, rng) -> (state, metrics): the task's loss and gradients (averaged over
+  ``accum`` microbatches, see :func:`mean_over_microbatches`, which needs the mesh and the params' shardings), the
+  optimizer update, and the non-finite guard. The trainer jits it with explicit shardings and the state donated;
+  the lowering checks (benchmarks/check_*_lowering.py) lower this same function."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
+  if accum > 1:
+    value_and_grad = functools.partial(mean_over_microbatches, value_and_grad, accum, mesh, param_shardings)
+
+  def update(state, batch, rng):
+    step_rng = jax.random.fold_in(rng, state["step"])
+    (loss, metrics), grads = value_and_grad(state["params"], batch, step_rng, state["step"])
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    # A non-finite loss or gradient never reaches the params: keep the old params and moments, count the step.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+    }
+    # The rate this step applies: skipped steps keep the optimizer's state, its schedule count included.
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"] - state["nonfinite_total"]),
+                   param_norm=optax.global_norm(state["params"]), nonfinite_total=new_state["nonfinite_total"],
+                   nonfinite_run=new_state["nonfinite_run"])
+    return new_state, metrics
+
+  return update
 
 
 def mean_over_microbatches(value_and_grad: Callable, num: int, mesh: Any, param_shardings: Any, params: Any,
@@ -187,9 +257,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
   from flax.core import meta
 
   from cvd_storm_jax import checkpoint as ckpt_lib
@@ -266,12 +334,10 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
 
   trainable = task.trainable_mask(abstract_params)
   tx, lr_schedule = _optimizer(config.optimizer, config.total_steps, trainable)
-  # Optimizer moments follow their params' shardings; counts and scalars are replicated.
   repl = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = sharding.like_params(abstract_opt, abstract_params, param_shardings, repl)
-  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings,
-                     "nonfinite_total": repl, "nonfinite_run": repl}
+  state_shardings = make_state_shardings(tx, abstract_params, param_shardings, mesh)
+  opt_shardings = state_shardings["opt_state"]
 
   # ------------------------------------------------------------------------------------------------------------------
   # Remat policy: "auto" becomes the least recomputation that fits the device (measured by tracing, before compiling).
@@ -287,13 +353,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   # State: fresh, or init_from a params file, or resumed from the workdir.
   # ------------------------------------------------------------------------------------------------------------------
-  def fresh_state(rng):
-    # init needs shapes only: zeros stand in for a batch (no host batch is consumed, whatever the mesh).
-    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch)
-    params = meta.unbox(task.init(rng, batch))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite_total": jnp.zeros((), jnp.int32), "nonfinite_run": jnp.zeros((), jnp.int32)}
-
+  fresh_state = make_fresh_state(task, tx, abstract_batch)
   manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
                                   async_save=config.checkpoint.async_save)
   data_iter = new_iterator()
@@ -330,32 +390,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   # ------------------------------------------------------------------------------------------------------------------
   # The update step.
   # ------------------------------------------------------------------------------------------------------------------
-  value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
-  if accum > 1:
-    value_and_grad = functools.partial(mean_over_microbatches, value_and_grad, accum, mesh, param_shardings)
-
-  def update(state, batch, rng):
-    step_rng = jax.random.fold_in(rng, state["step"])
-    (loss, metrics), grads = value_and_grad(state["params"], batch, step_rng, state["step"])
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
-    # A non-finite loss or gradient never reaches the params: keep the old params and moments, count the step.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(new_params, state["params"]),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
-        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
-    }
-    # The rate this step applies: skipped steps keep the optimizer's state, its schedule count included.
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state["step"] - state["nonfinite_total"]),
-                   param_norm=optax.global_norm(state["params"]), nonfinite_total=new_state["nonfinite_total"],
-                   nonfinite_run=new_state["nonfinite_run"])
-    return new_state, metrics
-
+  update = make_update(task, tx, lr_schedule, accum, mesh, param_shardings)
   batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in abstract_batch.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     update_fn = jax.jit(update, in_shardings=(state_shardings, batch_shardings, repl),
@@ -510,7 +545,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":
