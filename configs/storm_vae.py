@@ -97,6 +97,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # A jax.profiler trace of steps start_step+1 .. start_step+num_steps (after compilation) on process 0, into the
   # TensorBoard folder (workdir/tb/plugins/profile/): `tensorboard --logdir $WORKDIR/tb`, Profile tab. 0 = off.
   c.profile = ml_collections.ConfigDict({"start_step": 10, "num_steps": 0})
+  # XLA options of the train step's program alone (jax.jit compiler_options: DebugOptions fields such as
+  # xla_gpu_enable_latency_hiding_scheduler=True), on top of XLA_FLAGS. Empty: XLA's defaults.
+  c.compiler_options = ml_collections.ConfigDict()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100 if tiny else 1000

@@ -394,7 +394,8 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   batch_shardings = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in abstract_batch.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     update_fn = jax.jit(update, in_shardings=(state_shardings, batch_shardings, repl),
-                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
+                        out_shardings=(state_shardings, repl), donate_argnums=(0,),
+                        compiler_options=dict(config.get("compiler_options") or {}) or None)
 
   # ------------------------------------------------------------------------------------------------------------------
   # Logging and preemption.

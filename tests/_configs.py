@@ -9,6 +9,10 @@ if REPO not in sys.path:
 
 from configs import dit, storm_vae  # noqa: E402,F401
 
+# The suite compiles with XLA's CPU backend optimisations off (conftest.py); a loop of hundreds of steps jits with
+# these compiler options instead, which override the flag for that program.
+RUN_FAST = {"xla_backend_optimization_level": 3}
+
 
 def small_dit_config():
   """configs/dit.py:tiny with one 2-frame 32x64 clip per batch and two layers (every block kind still present)."""

@@ -3,7 +3,10 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU backend optimisations off: the suite is bound by compiling (most programs run a few times), and level 0
+# compiles about 4x faster. The few loops that run hundreds of steps ask for the default level on their own jit
+# (``compiler_options=_configs.RUN_FAST``; a per-jit option overrides this flag).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A persistent XLA compilation cache shared by the xdist workers and the CLI subprocesses: the trainer tests compile

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.core import meta
 
-from _configs import REPO, dit, small_dit_config, storm_vae, write_random_dit_params  # noqa: I100 (configs/)
+from _configs import REPO, RUN_FAST, dit, small_dit_config, storm_vae, write_random_dit_params  # noqa: I100 (configs/)
 from cvd_storm_jax import checkpoint as ckpt_lib
 from cvd_storm_jax import sharding, tasks
 from cvd_storm_jax.data_pipelines import pipeline
@@ -143,6 +143,7 @@ def test_tiny_model_overfits_one_clip(tmp_path):
   config.log_every = 1
   config.checkpoint.every_steps = 1000
   config.optimizer.lr, config.optimizer.warmup_steps, config.optimizer.end_lr = 3e-3, 10, 3e-4
+  config.compiler_options = RUN_FAST  # 300 steps: XLA's backend optimisations on (off in the suite, conftest.py)
   from cvd_storm_jax import train as train_mod
   train_mod.train(config, str(tmp_path))
   losses = [m["loss"] for m in _losses(str(tmp_path))]

@@ -1,6 +1,7 @@
 """The Flax SD3.5 VAE against diffusers' AutoencoderKL (random init, reduced width, real block structure), the folder
 importer's error reporting, the chunked/latent-normalisation paths, and a short CPU training run."""
 import collections
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 from skimage import data
 
+from _configs import RUN_FAST  # noqa: I100
 from cvd_storm_jax import losses
 from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, _chunked, param_count, sample
 from cvd_storm_jax.pretrained.common import WeightImportError, param_shapes, read_folder, rename
@@ -325,7 +327,7 @@ def test_training_lowers_reconstruction_error(tiny_vae):
     recon, mean, logvar = vae.apply({"params": p}, x, rng)
     return losses.vae_loss(recon, x, mean, logvar, None, weights)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=RUN_FAST)  # 150 steps: XLA's backend optimisations on
   def step(p, o, x, rng):
     (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, rng)
     upd, o = opt.update(g, o, p)
