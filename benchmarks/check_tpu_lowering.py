@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import re
 import sys
@@ -63,23 +62,12 @@ def largest_tensor(text: str) -> dict:
   return {"type": best, "gib": round(best_bytes / 2 ** 30, 2)}
 
 
-@contextlib.contextmanager
 def attention_choices():
-  """Inside, records each attention call's choice with its shapes ("tpu_splash q43031 k43031 12x64": count) in the
+  """Context: records each attention call's choice with its shapes ("tpu_splash q43031 k43031 12x64": count) in the
   yielded Counter; attention._pick is what dot_product_attention consults once per call."""
   from cvd_storm_jax.models import attention
-  original, seen = attention._pick, collections.Counter()
-
-  def spy(q, k, *args, **kwargs):
-    result = original(q, k, *args, **kwargs)
-    seen[f"{result} q{q.shape[1]} k{k.shape[1]} {q.shape[2]}x{q.shape[3]}"] += 1
-    return result
-
-  attention._pick = spy
-  try:
-    yield seen
-  finally:
-    attention._pick = original
+  describe = lambda result, q, k, *args, **kwargs: f"{result} q{q.shape[1]} k{k.shape[1]} {q.shape[2]}x{q.shape[3]}"
+  return recording(attention, "_pick", describe)
 
 
 def lower_for_tpu(fn, *args) -> dict:

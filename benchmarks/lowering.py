@@ -6,7 +6,7 @@ platform, so that every "auto" choice of the package (attention implementation, 
 that machine. Arguments are `jax.ShapeDtypeStruct`s (sharded ones for a mesh): nothing of the model is allocated.
 
   pretend_backend(platform, fakes)      context: jax.default_backend() answers `platform` (+ other fakes); restored
-  recording(module, name)               context: a Counter of what `module.name(...)` returned while inside
+  recording(module, name[, describe])   context: a Counter of what `module.name(...)` returned while inside
   export_text(fn, platform, *args)      the StableHLO text of jax.jit(fn) (or of an already jitted fn) for platform
   custom_calls(text, targets)           {custom-call target: count}, of every target or only of `targets`
   custom_call_sites(text, target)       how often `target` runs (through the module's calls), in and out of shard_maps
@@ -58,16 +58,17 @@ def pretend_backend(platform: str, fakes: dict | None = None):
 
 
 @contextlib.contextmanager
-def recording(module, name: str):
-  """Inside, counts the results of module.name(...) (called through the module, as the package does) in the yielded
-  Counter: which attention implementation or rasterizer backend an "auto" choice took."""
+def recording(module, name: str, describe: Callable = lambda result, *args, **kwargs: str(result)):
+  """Inside, counts describe(result, *args, **kwargs) of every call of module.name(...) (called through the module,
+  as the package does) in the yielded Counter: which attention implementation or rasterizer backend an "auto" choice
+  took (by default the result itself)."""
   original = getattr(module, name)
   seen = collections.Counter()
 
   @functools.wraps(original)
   def spy(*args, **kwargs):
     result = original(*args, **kwargs)
-    seen[str(result)] += 1
+    seen[describe(result, *args, **kwargs)] += 1
     return result
 
   setattr(module, name, spy)
@@ -207,8 +208,8 @@ def dit_setup(directory: str, remat: str, batch_size: int = 1, hw: tuple[int, in
 
 def trainer_step(config, mesh, abstract_batch) -> tuple[Callable, tuple]:
   """The update step exactly as cvd_storm_jax.train jits it for `config` on `mesh`: its `make_fresh_state`,
-  `make_state_shardings` and `make_update`, the params' and batch's shardings from the same sharding helpers. `abstract_batch`: the global batch's
-  shapes. Returns (the jitted update, its arguments as sharded ShapeDtypeStructs); lower it under jax.set_mesh(mesh)
+  `make_state_shardings` and `make_update`, the params' and batch's shardings from the same sharding helpers.
+  `abstract_batch`: the global batch's shapes. Returns (the jitted update, its arguments as sharded ShapeDtypeStructs); lower it under jax.set_mesh(mesh)
   and nn.logical_axis_rules(sharding.rules_from_config(config.sharding_rules))."""
   import flax.linen as nn
   from flax.core import meta
@@ -225,7 +226,8 @@ def trainer_step(config, mesh, abstract_batch) -> tuple[Callable, tuple]:
   abstract_params = meta.unbox(boxed_params)
   tx, lr_schedule = train._optimizer(config.optimizer, config.total_steps, task.trainable_mask(abstract_params))
   repl = sharding.replicated(mesh)
-  state_shardings = train.make_state_shardings(tx, abstract_params, param_shardings, mesh)
+  state_shardings = train.make_state_shardings(abstract_params, jax.eval_shape(tx.init, abstract_params),
+                                               param_shardings, mesh)
   fresh_state = train.make_fresh_state(task, tx, abstract_batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_state = jax.eval_shape(fresh_state, init_rng)

@@ -134,15 +134,13 @@ def make_fresh_state(task: Any, tx: Any, abstract_batch: Any) -> Callable[[Any],
   return fresh_state
 
 
-def make_state_shardings(tx: Any, abstract_params: Any, param_shardings: Any, mesh: Any) -> dict:
-  """The train state's shardings (the structure of :func:`make_fresh_state`'s state): optimizer moments follow their
-  params' shardings; counts and scalars are replicated."""
-  import jax
-
+def make_state_shardings(abstract_params: Any, abstract_opt: Any, param_shardings: Any, mesh: Any) -> dict:
+  """The train state's shardings (the structure of :func:`make_fresh_state`'s state): optimizer moments
+  (abstract_opt = jax.eval_shape(tx.init, abstract_params)) follow their params' shardings; counts and scalars are
+  replicated."""
   from cvd_storm_jax import sharding
   repl = sharding.replicated(mesh)
-  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_shardings,
-                                       repl)
+  opt_shardings = sharding.like_params(abstract_opt, abstract_params, param_shardings, repl)
   return {"step": repl, "params": param_shardings, "opt_state": opt_shardings, "nonfinite_total": repl,
           "nonfinite_run": repl}
 
@@ -336,7 +334,7 @@ def train(config: Any, workdir: str, *, after_step: Callable[[int], None] | None
   tx, lr_schedule = _optimizer(config.optimizer, config.total_steps, trainable)
   repl = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  state_shardings = make_state_shardings(tx, abstract_params, param_shardings, mesh)
+  state_shardings = make_state_shardings(abstract_params, abstract_opt, param_shardings, mesh)
   opt_shardings = state_shardings["opt_state"]
 
   # ------------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
-from jax.extend.core import Literal
 
+from cvd_storm_jax import memory
 from cvd_storm_jax.models.gs_decoder import (GSDecoder, apply_exposure, default_gs_decoder_config, flatten,
                                              gaussians_at, pixel_rays, plucker)
 
@@ -154,9 +154,7 @@ def test_motion_key_head_keeps_its_bf16_input(setup):
   def velocities(p, lat):
     return model.apply(p, lat, s["ks"], s["c2r"], s["times"], s["vm"])["velocities"]
 
-  leaves, treedef = jax.tree.flatten((s["params"], s["lat"]))
-  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(velocities, *jax.tree.unflatten(treedef, a)))(*leaves).jaxpr
-  kept = {(jnp.dtype(v.aval.dtype).name, tuple(v.aval.shape)) for v in jaxpr.outvars[1:]
-          if not isinstance(v, Literal) and v not in set(jaxpr.invars)}
+  saved = memory.saved_activations(velocities, s["params"], s["lat"])
+  kept = {(jnp.dtype(v.dtype).name, tuple(v.shape)) for v in saved}
   feats = (B * T * V, H, W, cfg.upscale_channels[-1])
   assert ("bfloat16", feats) in kept and ("float32", feats) not in kept, kept

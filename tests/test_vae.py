@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from skimage import data
 
 from _configs import RUN_FAST  # noqa: I100
-from cvd_storm_jax import losses
+from cvd_storm_jax import losses, memory
 from cvd_storm_jax.models.vae import AutoencoderKL, VAEConfig, _chunked, param_count, sample
 from cvd_storm_jax.pretrained.common import WeightImportError, param_shapes, read_folder, rename
 from cvd_storm_jax.pretrained.vae import load_vae, vae_rules
@@ -217,18 +217,8 @@ def test_chunked_balances_chunks():
 
 
 def _residuals(f, *args) -> collections.Counter:
-  """{(dtype, shape): count} of what ``jax.vjp(f, *args)`` keeps for the backward pass, arguments excluded
-  (the analysis of ``memory.saved_activation_bytes``, itemised)."""
-  from jax.extend.core import Literal
-  leaves, treedef = jax.tree.flatten(args)
-  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *jax.tree.unflatten(treedef, a)))(*leaves).jaxpr
-  n_out = len(jax.tree.leaves(jax.eval_shape(f, *args)))
-  inputs, seen, out = set(jaxpr.invars), set(), collections.Counter()
-  for v in jaxpr.outvars[n_out:]:
-    if not isinstance(v, Literal) and v not in inputs and v not in seen:
-      seen.add(v)
-      out[(jnp.dtype(v.aval.dtype).name, tuple(v.aval.shape))] += 1
-  return out
+  """{(dtype, shape): count} of what ``jax.vjp(f, *args)`` keeps for the backward pass, arguments excluded."""
+  return collections.Counter((jnp.dtype(s.dtype).name, tuple(s.shape)) for s in memory.saved_activations(f, *args))
 
 
 def _bytes(res: collections.Counter) -> int:
