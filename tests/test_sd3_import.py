@@ -198,6 +198,24 @@ def test_cli_writes_params_for_init_from(folder, tmp_path):
   assert "transformer_blocks_1" in checkpoint.load_params(out2)
 
 
+def test_cli_refuses_bad_arguments_naming_them(folder, tmp_path, capsys):
+  path, _ = folder
+  cfg_file = _write_config_file(tmp_path / "dit_cfg.py")
+  out = str(tmp_path / "never")
+  # Overrides are parsed by ml_collections' config flags, as the trainer parses them.
+  for args, says in [(["--config.model.pos_embed_scal=1.0"], "the config has no key 'pos_embed_scal'"),
+                     (["--config.model.num_layers=two"], "num_layers"),
+                     (["--pos_embed_scale=1.0"], "with --config, set the grid as the trainer does"),
+                     (["--srcc", path], "Unknown command line flag 'srcc'")]:
+    with pytest.raises(SystemExit) as exc:
+      sd3.main(["--src", path, "--out", out, "--config", cfg_file, *args])
+    assert says in f"{exc.value.code} {capsys.readouterr().err}", args
+  with pytest.raises(SystemExit):
+    sd3.main(["--out", out])
+  assert "--src" in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The stored position table on another grid than diffusers' formula (Stability's MMDiTX: unscaled arange).
 # ----------------------------------------------------------------------------------------------------------------------

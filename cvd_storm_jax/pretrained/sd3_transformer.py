@@ -23,19 +23,19 @@ overrides), ``--pos_embed_scale=S --pos_embed_offset=O`` without.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
 import logging
 import os
 import re
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import flags
 from flax import traverse_util
+from ml_collections import config_flags
 
 from cvd_storm_jax.models.embeddings import pos_embed_coords, sincos_1d, sincos_frequencies
 from cvd_storm_jax.models.mmdit import SD3Transformer
@@ -385,70 +385,49 @@ def import_into_cvd(folder: str, model_cfg: Mapping[str, Any], *, dtype: Any = n
 TRAINER_PARAMS_KEY = "dit"
 
 
-def _load_config_file(spec_str: str):
-  """``path/to/config.py[:arg]`` -> get_config(arg), as ml_collections' config flags read it."""
-  path, _, arg = spec_str.partition(":")
-  spec = importlib.util.spec_from_file_location("_dit_config", path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"config file {path!r} cannot be loaded")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
-
-
-def _apply_config_overrides(cfg: Any, overrides: list[str]) -> None:
-  """``--config.a.b=VALUE`` arguments (as the trainer's ml_collections flags take them) set ``cfg.a.b``; VALUE is a
-  Python literal, else a string."""
-  for arg in overrides:
-    m = re.fullmatch(r"--config\.([A-Za-z_][\w.]*)=(.*)", arg)
-    if m is None:
-      raise SystemExit(f"unrecognised argument {arg!r} (config overrides are --config.KEY.PATH=VALUE)")
-    *parents, leaf = m.group(1).split(".")
-    node = cfg
-    for name in parents:
-      node = node[name]
-    try:
-      value = ast.literal_eval(m.group(2))
-    except (ValueError, SyntaxError):
-      value = m.group(2)
-    if leaf not in node:
-      raise SystemExit(f"{arg!r}: the config has no key {m.group(1)!r}")
-    node[leaf] = value
+def _flags(argv: list[str]) -> flags.FlagValues:
+  """The CLI's flags, on a private ``FlagValues`` so that importing this module defines nothing on absl's FLAGS;
+  ``argv`` (program name first) is where the config flag finds its overrides (it reads ``sys.argv`` otherwise)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("src", None, "diffusers SD3Transformer2DModel folder (e.g. SD3.5/transformer).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output params directory (cvd_storm_jax.checkpoint.save_params).", flag_values=fv)
+  config_flags.DEFINE_config_file(
+      "config", None, "Trainer config file[:arg]; target = CVDDiT(config.model), written under "
+      f"{TRAINER_PARAMS_KEY!r} as the trainer's params tree holds it. --config.KEY=VALUE overrides it exactly as "
+      "they override the trainer's.", flag_values=fv, lock_config=False, sys_argv=argv)
+  flags.DEFINE_string("variant", None, "Read the *.<variant>.safetensors files (e.g. fp16).", flag_values=fv)
+  flags.DEFINE_float("pos_embed_scale", None, "Without --config: the position grid arange(M) * scale - offset "
+                     "(default: diffusers').", flag_values=fv)
+  flags.DEFINE_float("pos_embed_offset", 0.0, "Without --config: see --pos_embed_scale.", flag_values=fv)
+  flags.mark_flags_as_required(["src", "out"], flag_values=fv)
+  return fv
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--src", required=True, help="diffusers SD3Transformer2DModel folder (e.g. SD3.5/transformer)")
-  parser.add_argument("--out", required=True, help="output params directory (cvd_storm_jax.checkpoint.save_params)")
-  parser.add_argument("--config", default=None,
-                      help="trainer config file[:arg] (get_config(arg)); target = CVDDiT(config.model), written under "
-                           f"{TRAINER_PARAMS_KEY!r} as the trainer's params tree holds it. Further "
-                           "--config.KEY=VALUE arguments override it as they do the trainer's")
-  parser.add_argument("--variant", default=None, help="read the *.<variant>.safetensors files (e.g. fp16)")
-  parser.add_argument("--pos_embed_scale", type=float, default=None,
-                      help="without --config: the position grid arange(M) * scale - offset (default: diffusers')")
-  parser.add_argument("--pos_embed_offset", type=float, default=0.0, help="without --config: see --pos_embed_scale")
-  args, overrides = parser.parse_known_args(argv)
+  """``argv``: the arguments after the program name (default ``sys.argv[1:]``)."""
+  from cvd_storm_jax import cli
+  argv = ["sd3_transformer", *(sys.argv[1:] if argv is None else argv)]
+  fv = _flags(argv)
+  rest = cli.parse_flags(argv, fv)
+  if rest[1:]:
+    raise SystemExit(f"unrecognised arguments {rest[1:]}")
   logging.basicConfig(level=logging.INFO)
   from cvd_storm_jax.checkpoint import save_params
-  if args.config:
-    if args.pos_embed_scale is not None or args.pos_embed_offset:
-      parser.error("with --config, set the grid as the trainer does: --config.model.pos_embed_scale=... "
-                   "--config.model.pos_embed_offset=...")
-    cfg = _load_config_file(args.config)
-    _apply_config_overrides(cfg, overrides)
-    partial, fresh = import_into_cvd(args.src, dict(cfg.model), variant=args.variant)
+  cfg = fv.config
+  if cfg is not None:
+    if fv.pos_embed_scale is not None or fv.pos_embed_offset:
+      raise SystemExit("with --config, set the grid as the trainer does: --config.model.pos_embed_scale=... "
+                       "--config.model.pos_embed_offset=...")
+    partial, fresh = import_into_cvd(fv.src, dict(cfg.model), variant=fv.variant)
     params = {TRAINER_PARAMS_KEY: partial}
     log.info("imported the MM-DiT part; %d params left to fresh init (temporal/cross-view/camera/adapter), e.g. %s",
              len(fresh), fresh[:5])
   else:
-    if overrides:
-      parser.error(f"unrecognised arguments {overrides} (--config.KEY=VALUE overrides need --config)")
-    _, params = load_sd3_transformer(args.src, variant=args.variant, pos_embed_scale=args.pos_embed_scale,
-                                     pos_embed_offset=args.pos_embed_offset)
+    _, params = load_sd3_transformer(fv.src, variant=fv.variant, pos_embed_scale=fv.pos_embed_scale,
+                                     pos_embed_offset=fv.pos_embed_offset)
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-  save_params(args.out, params)
-  log.info("wrote %d params (%.3f B) to %s", len(jax.tree.leaves(params)), n / 1e9, args.out)
+  save_params(fv.out, params)
+  log.info("wrote %d params (%.3f B) to %s", len(jax.tree.leaves(params)), n / 1e9, fv.out)
 
 
 if __name__ == "__main__":
