@@ -9,7 +9,7 @@ Protocol (OpenDWM's ``evaluate_pipeline``, cvd_storm_official.md §4.1, which th
 the data config is generated from its own conditions (captions, layouts, cameras); with --ground_truth_reference (the
 default, as the headline numbers: video prediction from 3 ground-truth frames) the first window starts from the
 clip's first ``reference_frames`` frames and the evaluated frames start after them. Generated latents are decoded to
-RGB (``generate.decode_latents``) and compared with the dataset's frames at the same resolution, the largest bucket
+RGB (``generate.LatentDecoder``) and compared with the dataset's frames at the same resolution, the largest bucket
 of the data config (OpenDWM: 256x448):
   FID  over every evaluated frame of every valid view (2048-d TF-FID InceptionV3 features, video_metrics);
   FVD  over one video per valid view: the first ``fvd_frames`` evaluated frames (I3D, 224x224, [-1, 1]).
@@ -64,7 +64,7 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
 
   from cvd_storm_jax import tasks
   from cvd_storm_jax.data_pipelines import pipeline
-  from cvd_storm_jax.generate import ClipSampler, decode_latents
+  from cvd_storm_jax.generate import ClipSampler, LatentDecoder
   from cvd_storm_jax.video_metrics import FIDFeatures, FVDFeatures
 
   metrics = tuple(metrics)
@@ -114,8 +114,13 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
     extract["fid"] = fid_features or FIDFeatures(inception_weights)
   if "fvd" in metrics:
     extract["fvd"] = fvd_features or FVDFeatures(i3d_weights or None)
+  decoder = LatentDecoder(task, vae_from)
+  if not decoder.available:
+    raise ValueError(f"eval_dit needs RGB: latents.kind={config.latents.kind!r} needs --vae_from (a diffusers VAE "
+                     "folder or a STORM-VAE params export) or latents.vae_from")
   if params is None:
     params = load_checkpoint_params(checkpoint)
+  params = clip_sampler.device_params(params)
 
   def accumulate(stats: dict, video: np.ndarray, view_mask: np.ndarray) -> None:
     if "fid" in stats:
@@ -138,10 +143,7 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 8
     latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=k,
                            ground_truth_reference=ground_truth_reference,
                            seed=seed + (n * processes + process) * 1000003)
-    video = decode_latents(task, latents, vae_from)
-    if video is None:
-      raise ValueError("eval_dit needs RGB: latents.kind='precomputed' needs --vae_from (a diffusers VAE folder or "
-                       "a STORM-VAE params export)")
+    video = decoder(latents)
     view_mask = np.asarray(host["view_mask"], bool)
     accumulate(generated, video, view_mask)
     if not real_stats:

@@ -52,32 +52,59 @@ def pixel_shuffle(x: np.ndarray, r: int) -> np.ndarray:
   return x.reshape(n, h * r, w * r, c)
 
 
-def decode_latents(task: Any, latents: np.ndarray, vae_from: str = "", chunk: int = 12) -> Optional[np.ndarray]:
-  """Model latents [B, T, V, h, w, C] -> uint8 RGB [B, T, V, H, W, 3], or None when no decoder is available."""
-  import jax.numpy as jnp
-  from cvd_storm_jax.tasks.dit import LATENT_DOWNSAMPLE
-  lead, flat = latents.shape[:3], np.asarray(latents, np.float32).reshape((-1,) + latents.shape[3:])
-  kind = task.config.latents.kind
-  if kind == "pixel_unshuffle":
-    # projection: [192, C] with orthonormal columns, so projection.T is its least-squares (pseudo-)inverse.
-    x = pixel_shuffle(flat @ task.projection.T, LATENT_DOWNSAMPLE)
-  else:
-    vae_from = vae_from or str(task.config.latents.get("vae_from", "") or "")
-    if not vae_from:
-      log.warning("latents.kind=%s without a VAE to decode with (--vae_from / latents.vae_from): writing latents only",
-                  kind)
+class LatentDecoder:
+  """Model latents [B, T, V, h, w, C] -> uint8 RGB [B, T, V, H, W, 3]. The VAE is read, put on the device and its
+  decode compiled once, then reused for every call (eval_dit decodes every batch). ``available`` is False when there
+  is no decoder (latents.kind "vae"/"precomputed" without a VAE to decode with)."""
+
+  def __init__(self, task: Any, vae_from: str = "", chunk: int = 12):
+    import jax
+    self.task, self.chunk = task, int(chunk)
+    kind = task.config.latents.kind
+    self.vae = self._params = None
+    if kind != "pixel_unshuffle":
+      vae_from = vae_from or str(task.config.latents.get("vae_from", "") or "")
+      if not vae_from:
+        log.warning("latents.kind=%s without a VAE to decode with (--vae_from / latents.vae_from): writing latents "
+                    "only", kind)
+      else:
+        self.vae, params = _load_vae(task, vae_from)
+        self._params = jax.device_put(params)
+        self._decode = jax.jit(lambda p, z: self.vae.decode_from_diffusion(p, z, chunk=self.chunk))
+
+  @property
+  def available(self) -> bool:
+    return self.task.config.latents.kind == "pixel_unshuffle" or self.vae is not None
+
+  def __call__(self, latents: np.ndarray) -> Optional[np.ndarray]:
+    """None when not ``available``."""
+    import jax.numpy as jnp
+    from cvd_storm_jax.tasks.dit import LATENT_DOWNSAMPLE
+    if not self.available:
       return None
-    vae, vae_params = _load_vae(task, vae_from)
-    x = np.asarray(vae.decode_from_diffusion(vae_params, jnp.asarray(flat), chunk=chunk))
-  rgb = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-  return rgb.reshape(lead + rgb.shape[1:])
+    lead, flat = latents.shape[:3], np.asarray(latents, np.float32).reshape((-1,) + latents.shape[3:])
+    if self.vae is None:
+      # projection: [192, C] with orthonormal columns, so projection.T is its least-squares (pseudo-)inverse.
+      x = pixel_shuffle(flat @ self.task.projection.T, LATENT_DOWNSAMPLE)
+    else:
+      x = np.asarray(self._decode(self._params, jnp.asarray(flat)), np.float32)
+    rgb = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return rgb.reshape(lead + rgb.shape[1:])
+
+
+def decode_latents(task: Any, latents: np.ndarray, vae_from: str = "", chunk: int = 12) -> Optional[np.ndarray]:
+  """One-off ``LatentDecoder(task, vae_from, chunk)(latents)``: RGB [B, T, V, H, W, 3] uint8, or None when no decoder
+  is available."""
+  return LatentDecoder(task, vae_from, chunk)(latents)
 
 
 def _load_vae(task: Any, vae_from: str):
   """(AutoencoderKL module, full params incl. the decoder) from a params file (STORM-VAE export: its "vae" subtree)
-  or a diffusers folder. The DiT checkpoint holds only the frozen encoder, so the decoder must come from here."""
+  or a diffusers folder, computing in the DiT's dtype (as the task's own encoder does). The DiT checkpoint holds only
+  the frozen encoder, so the decoder must come from here."""
   from cvd_storm_jax import checkpoint as ckpt_lib
   from cvd_storm_jax.models import vae as vae_lib
+  from cvd_storm_jax.models.embeddings import as_dtype
   from cvd_storm_jax.pretrained import vae as vae_import
   if os.path.exists(os.path.join(vae_from, "_CHECKPOINT_METADATA")):
     tree = ckpt_lib.load_params(vae_from)
@@ -88,7 +115,7 @@ def _load_vae(task: Any, vae_from: str):
                        "folder, or latents.kind='vae' whose latents.vae config describes it")
   else:
     config, tree = vae_import.load_vae(vae_from)
-    vae = vae_lib.AutoencoderKL(config)
+    vae = vae_lib.AutoencoderKL(config, dtype=as_dtype(task.config.model.get("dtype", "float32")))
   if "decoder" not in tree:
     raise ValueError(f"the VAE params of {vae_from!r} have no decoder (keys {sorted(tree)})")
   return vae, tree
@@ -105,13 +132,15 @@ def mosaic(frames: np.ndarray, rows: int = 2) -> np.ndarray:
 
 class ClipSampler:
   """Samples latent clips for device batches of a DiT task. The jitted window function is built once and reused for
-  every batch of the same shapes (generate: one batch; eval_dit: many).
+  every window and every batch of the same shapes (generate: one batch; eval_dit: many).
 
   ``__call__(params, batch, ...)`` -> latents [B, num_frames, V, h, w, C] (numpy, fp32): classifier-free guidance on a
   doubled batch whose unconditional half is the task's condition drop (empty text, grey layouts, same cameras and
   references); clips longer than ``window`` frames are generated autoregressively, carrying ``reference_frames``
   latents between windows; with ``ground_truth_reference`` the first window predicts from the clip's own first
   ``reference_frames`` frames (video prediction, OpenDWM's evaluation protocol).
+
+  Pass params through ``device_params`` once: a host (numpy) tree would be uploaded again at every window.
   """
 
   def __init__(self, task: Any, *, num_steps: int = 40, guidance: float = 4.0):
@@ -123,19 +152,55 @@ class ClipSampler:
     shift = float(task.config.diffusion.shift)
 
     @jax.jit
-    def run_window(params, wbatch, noise, reference):
-      batch_size = noise.shape[0]
-      doubled = {key: jnp.concatenate([v, v]) for key, v in wbatch.items()}
+    def run_window(params, wbatch, noise, reference, reference_mask):
+      uncond = sampler.branch_uncond(noise.shape[0], self.guidance)
+      if uncond.shape[0] != noise.shape[0]:
+        wbatch = {key: jnp.concatenate([v, v]) for key, v in wbatch.items()}
+      # Once per window, outside the Euler loop: text, cameras and the layout adapter's residuals (~11 % of a
+      # paper-size step) do not depend on the noisy latents. XLA:CPU hoists loop-invariant work by itself; nothing
+      # promises that XLA:GPU does.
+      conds = task.conditions(params, wbatch, uncond, uncond, uncond, layout_residuals=True)
+      false = jnp.zeros(uncond.shape, bool)
 
-      def velocity_fn(x, timesteps, uncond):
-        cond = doubled if x.shape[0] == 2 * batch_size else wbatch
-        false = jnp.zeros((x.shape[0],), bool)
-        return task.forward(params, cond, x, timesteps, uncond, uncond, uncond, false, false)
+      def velocity_fn(x, timesteps, step_uncond):
+        # guided_velocity calls with exactly the branch_uncond flags the conditions were laid out by.
+        if step_uncond.shape != uncond.shape:
+          raise ValueError(f"velocity_fn called on {step_uncond.shape[0]} samples; conditions for {uncond.shape[0]}")
+        return task.velocity(params, conds, x, timesteps, false, false)
 
       return sampler.sample(velocity_fn, noise, num_steps=self.num_steps, shift=shift, guidance=self.guidance,
-                            reference=reference)
+                            reference=reference, reference_mask=reference_mask)
 
-    self._run_window = run_window
+    @jax.jit
+    def encode_reference(params, images):
+      # The clip's own first k frames (OpenDWM: generate_frames_for_reference = false), encoded with the posterior
+      # mode as OpenDWM's pipeline does (latent_dist.mode()), not the training-time posterior sample.
+      x = images.astype(jnp.float32) / 127.5 - 1.0
+      mean, _ = task.vae.encode_chunked(params["vae"], x.reshape((-1,) + x.shape[3:]),
+                                        int(task.config.latents.get("chunk", 12)))
+      return task.vae.to_model_latents(mean).reshape(x.shape[:3] + mean.shape[1:])
+
+    self._run_window, self._encode_reference = run_window, encode_reference
+
+  def device_params(self, params: Any) -> Any:
+    """The task's params for sampling, on the default device: the DiT's kernels (ndim >= 2: dense, conv, embedding
+    tables) in the model's compute dtype, everything else as stored. Every layer casts its kernel to the compute
+    dtype at use, so the model computes the same function as with the fp32 master weights (one step is
+    bit-identical; XLA's excess-precision rewrites may round a whole sampling loop differently) in half their memory
+    (paper size: 7.6 instead of 15.2 GiB)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cvd_storm_jax.models.embeddings import as_dtype
+    dtype = jnp.dtype(as_dtype(self.task.config.model.get("dtype", "float32")))
+
+    def cast(x):
+      x = x if isinstance(x, jax.Array) else np.asarray(x)
+      return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    params = dict(params)
+    params["dit"] = jax.tree.map(cast, params["dit"])
+    return jax.device_put(params)
 
   def plan(self, total_frames: int, *, num_frames: int = 0, window: int = 0, reference_frames: int = 3,
            ground_truth_reference: bool = False) -> tuple[int, int, int, list[int]]:
@@ -168,20 +233,22 @@ class ClipSampler:
     noise = jax.random.normal(rng_noise, (B, num_frames, V, h, w, C), jnp.float32)
     first_ref = None
     if ground_truth_reference:
-      # The clip's own first k frames (OpenDWM: generate_frames_for_reference = false), encoded with the posterior
-      # mode as OpenDWM's pipeline does (latent_dist.mode()), not the training-time posterior sample.
       first = slice_frames(batch, 0, k)
       if task.config.latents.kind == "vae":
-        images = first["images"].astype(jnp.float32) / 127.5 - 1.0
-        mean, _ = task.vae.encode_chunked(params["vae"], images.reshape((-1,) + images.shape[3:]),
-                                          int(task.config.latents.get("chunk", 12)))
-        first_ref = task.vae.to_model_latents(mean).reshape(images.shape[:3] + mean.shape[1:])
+        first_ref = self._encode_reference(params, first["images"])
       else:
         first_ref = task._latents(params, first, rng_ref)
 
     def sample_window(start, noise_w, ref):
       log.info("window at frame %d (%d frames, %s references)", start, window, 0 if ref is None else ref.shape[1])
-      return self._run_window(params, slice_frames(batch, start, start + window), noise_w, ref)
+      mask = None
+      if ref is None and k:
+        # A first window without references runs the program of the later ones with every reference slot marked
+        # "generate" (the same computation): one compile of the model, not two.
+        ref, mask = jnp.zeros((B, k, V, h, w, C), jnp.float32), jnp.zeros((B, k, V), bool)
+      elif ref is not None:
+        mask = jnp.ones((B, k, V), bool)
+      return self._run_window(params, slice_frames(batch, start, start + window), noise_w, ref, mask)
 
     return np.asarray(sampler.autoregressive(sample_window, noise, window=window, num_reference=k,
                                              reference=first_ref))
@@ -223,8 +290,10 @@ def generate(config: Any, checkpoint: str, out_dir: str, *, num_steps: int = 40,
       log.warning("%s; decoding anyway (--allow_foreign_latents): the outputs show the pipeline only", message)
   if params is None:
     params = load_checkpoint_params(checkpoint)
-  latents = clip_sampler(params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
+  device_params = clip_sampler.device_params(params)
+  latents = clip_sampler(device_params, batch, num_frames=num_frames, window=window, reference_frames=reference_frames,
                          ground_truth_reference=ground_truth_reference, seed=seed)
+  del device_params  # off the device before the decoders load theirs
   B, V = latents.shape[0], latents.shape[2]
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, "latents.npy"), latents)
@@ -302,7 +371,8 @@ def _storm_outputs(stask: Any, params_path: str, host: Mapping[str, Any], latent
   tree = ckpt_lib.load_params(params_path)
   if "gs" not in tree:
     raise ValueError(f"{params_path!r} holds no GS decoder params (keys {sorted(tree)}); expected a STORM-VAE export")
-  sparams = {"gs": tree["gs"]}  # only the GS decoder runs: the latents are already the model's
+  # Only the GS decoder runs (the latents are already the model's); on the device once, not once per window.
+  sparams = jax.device_put({"gs": tree["gs"]})
   per_frame = ("images", "intrinsics", "cam_to_ego", "ego_to_world", "timestamps", "depth", "sky_mask")
   sb = stask.device_batch({k: (np.asarray(v)[:, :num_frames] if k in per_frame else v) for k, v in host.items()})
   height, width = sb["images"].shape[3:5]

@@ -257,6 +257,65 @@ def test_generate_end_to_end(tmp_path, caplog):
     gen.generate(c, workdir, str(tmp_path / "bad"), num_steps=1, reference_frames=2, ground_truth_reference=True)
 
 
+def _random_tiny_dit(dtype):
+  """(task, device batch, random params) of a 3-frame tiny DiT computing in ``dtype``; the adapter's zero-initialised
+  projections are random too, so that the layouts change the output."""
+  from flax.core import meta
+
+  from cvd_storm_jax.data_pipelines import pipeline
+  from cvd_storm_jax.tasks.dit import DiTTask
+  c = small_dit_config()
+  c.data.num_frames, c.model.dtype = 3, dtype  # windows of 2 frames carrying 1: two windows
+  task = DiTTask(c)
+  batch = {k: jnp.asarray(v) for k, v in task.device_batch(next(pipeline.make_iterator(c.data, seed=0))).items()}
+  shapes = meta.unbox(jax.eval_shape(task.init, jax.random.key(0), batch))
+  rng = np.random.default_rng(0)
+  return task, batch, jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.05, x.shape), x.dtype), shapes)
+
+
+def test_clip_sampler_hoists_conditions_and_compiles_once():
+  """ClipSampler computes text, cameras and the layout adapter once per window and runs every window (the first has
+  no references) through one compiled program; its latents are those of sampling with the task's plain forward pass
+  (conditions and adapter inside every step; no reference argument for the first window)."""
+  from cvd_storm_jax.generate import ClipSampler, slice_frames
+  task, batch, params = _random_tiny_dit("float32")
+  clip_sampler = ClipSampler(task, num_steps=2, guidance=3.0)
+  out = clip_sampler(clip_sampler.device_params(params), batch, window=2, reference_frames=1, seed=3)
+  assert clip_sampler._run_window._cache_size() == 1
+  B, T, V, h, w, C = task._latent_shape(batch)
+  noise = jax.random.normal(jax.random.split(jax.random.key(3))[0], (B, T, V, h, w, C), jnp.float32)
+
+  def sample_window(start, noise_w, ref):
+    wbatch = {k: jnp.concatenate([v, v]) for k, v in slice_frames(batch, start, start + 2).items()}
+    false = jnp.zeros((2 * B,), bool)
+    fn = lambda x, t, u: task.forward(params, wbatch, x, t, u, u, u, false, false)
+    return sampler.sample(fn, noise_w, num_steps=2, guidance=3.0, reference=ref)
+
+  want = np.asarray(sampler.autoregressive(jax.jit(sample_window, static_argnums=0), noise, window=2,
+                                           num_reference=1))
+  np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  # The layouts do reach the output through the hoisted adapter residuals.
+  grey = dict(batch, box_images=jnp.full_like(batch["box_images"], 32))
+  assert np.abs(clip_sampler(params, grey, window=2, reference_frames=1, seed=3) - out).max() > 1e-3
+
+
+def test_sampling_params_hold_kernels_in_the_compute_dtype():
+  """device_params: the DiT's kernels in bf16 (every layer casts them to it at use), the rest as stored; one
+  velocity evaluation is the same as with the fp32 master weights."""
+  from cvd_storm_jax.diffusion.sampler import branch_uncond
+  from cvd_storm_jax.generate import ClipSampler
+  task, batch, params = _random_tiny_dit("bfloat16")
+  dparams = ClipSampler(task, num_steps=1).device_params(params)
+  leaves = jax.tree_util.tree_leaves_with_path(dparams["dit"])
+  assert all(x.dtype == (jnp.bfloat16 if x.ndim >= 2 else jnp.float32) for _, x in leaves)
+  assert any(x.ndim == 1 for _, x in leaves) and all(isinstance(x, jax.Array) for _, x in leaves)
+  assert jax.tree.map(lambda x: x.dtype, dparams["text"]) == jax.tree.map(lambda x: x.dtype, params["text"])
+  x = jax.random.normal(jax.random.key(1), task._latent_shape(batch)[:3] + task._latent_shape(batch)[3:])
+  t, u = jnp.full(x.shape[:3], 700.0), branch_uncond(x.shape[0], 1.0)
+  velocity = jax.jit(lambda p: task.forward(p, batch, x, t, u, u, u, u, u))
+  np.testing.assert_array_equal(np.asarray(velocity(dparams), np.float32), np.asarray(velocity(params), np.float32))
+
+
 def test_pixel_shuffle_inverts_unshuffle():
   from cvd_storm_jax.generate import pixel_shuffle
   from cvd_storm_jax.models.embeddings import pixel_unshuffle

@@ -23,13 +23,21 @@ from cvd_storm_jax.diffusion import rectified_flow as rf
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def branch_uncond(batch_size: int, guidance: float) -> jax.Array:
+  """The ``uncond`` flags with which ``guided_velocity`` calls velocity_fn: [False] * B + [True] * B with guidance,
+  [False] * B without (g == 1). A caller that computes its conditions once per window lays them out by these."""
+  if guidance == 1.0:
+    return jnp.zeros((batch_size,), bool)
+  return jnp.concatenate([jnp.zeros((batch_size,), bool), jnp.ones((batch_size,), bool)])
+
+
 def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, timesteps: jax.Array, guidance: float) -> jax.Array:
   """uncond + g * (cond - uncond) from one call on [x; x]; g == 1 calls the conditional branch only."""
   b = x.shape[0]
+  uncond = branch_uncond(b, guidance)
   if guidance == 1.0:
-    return velocity_fn(x, timesteps, jnp.zeros((b,), bool)).astype(jnp.float32)
-  both = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]),
-                     jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])).astype(jnp.float32)
+    return velocity_fn(x, timesteps, uncond).astype(jnp.float32)
+  both = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]), uncond).astype(jnp.float32)
   cond, uncond = both[:b], both[b:]
   return uncond + guidance * (cond - uncond)
 

@@ -98,6 +98,9 @@ class DiTModel(nn.Module):
   def encode_text(self, ids):
     return self.text(ids)
 
+  def layout_residuals(self, layout_images):
+    return self.dit.layout_residuals(layout_images)
+
   def __call__(self, *args, **kwargs):
     return self.dit(*args, **kwargs)
 
@@ -220,10 +223,12 @@ class DiTTask:
       z = pixel_unshuffle(flat, LATENT_DOWNSAMPLE) @ jnp.asarray(self.projection)
     return z.reshape(lead + z.shape[1:])
 
-  def forward(self, params, batch, x_t, timesteps, text_drop, box_drop, map_drop, disable_temporal,
-              disable_crossview):
-    """Velocity prediction with the given noisy latents and per-sample condition drops."""
-    B = x_t.shape[0]
+  def conditions(self, params, batch, text_drop, box_drop, map_drop, *, layout_residuals: bool = False) -> dict:
+    """The DiT's inputs besides the noisy latents and timesteps, with per-sample condition drops ([B] bool each):
+    text_tokens, pooled_text, camera_params, view_adjacency, and layout_images [B, T, V, 8h, 8w, 6] or, with
+    ``layout_residuals``, the layout adapter's output (``CVDDiT.layout_residuals``). None of it depends on the noisy
+    latents: a sampler computes it once per window, not once per step."""
+    B = text_drop.shape[0]
     if self.config.text.kind == "hashed_words":
       ids = jnp.where(text_drop[:, None, None, None], 0, batch["caption_ids"])
       tokens, pooled = self.model.apply({"params": params}, ids, method=DiTModel.encode_text)
@@ -232,14 +237,31 @@ class DiTTask:
       b = (B,) + (1,) * (tokens.ndim - 1)
       tokens = jnp.where(text_drop.reshape(b), jnp.asarray(self.null_text[0]), tokens)
       pooled = jnp.where(text_drop.reshape((B,) + (1,) * (pooled.ndim - 1)), jnp.asarray(self.null_text[1]), pooled)
-    grey = jnp.float32(32.0 / 255.0)
-    bshape = (B,) + (1,) * (batch["box_images"].ndim - 1)
-    boxes = jnp.where(box_drop.reshape(bshape), grey, batch["box_images"].astype(jnp.float32) / 255.0)
-    maps = jnp.where(map_drop.reshape(bshape), grey, batch["map_images"].astype(jnp.float32) / 255.0)
-    layout = jnp.concatenate([boxes, maps], axis=-1) if self.config.model.get("num_adapter_blocks", 1) else None
-    return self.model.apply({"params": params}, x_t, timesteps, tokens, pooled, layout,
-                            batch["camera_params"].astype(jnp.float32), batch["view_adjacency"].astype(bool),
-                            disable_temporal, disable_crossview)
+    conds = dict(text_tokens=tokens, pooled_text=pooled, camera_params=batch["camera_params"].astype(jnp.float32),
+                 view_adjacency=batch["view_adjacency"].astype(bool), layout_images=None)
+    if self.config.model.get("num_adapter_blocks", 1):
+      grey = jnp.float32(32.0 / 255.0)
+      bshape = (B,) + (1,) * (batch["box_images"].ndim - 1)
+      boxes = jnp.where(box_drop.reshape(bshape), grey, batch["box_images"].astype(jnp.float32) / 255.0)
+      maps = jnp.where(map_drop.reshape(bshape), grey, batch["map_images"].astype(jnp.float32) / 255.0)
+      layout = jnp.concatenate([boxes, maps], axis=-1)
+      if layout_residuals:
+        conds["layout_residuals"] = self.model.apply({"params": params}, layout, method=DiTModel.layout_residuals)
+      else:
+        conds["layout_images"] = layout
+    return conds
+
+  def velocity(self, params, conds, x_t, timesteps, disable_temporal, disable_crossview):
+    """Velocity prediction [B, T, V, h, w, C] from ``conditions(...)`` and the noisy latents x_t at ``timesteps``."""
+    return self.model.apply({"params": params}, x_t, timesteps, conds["text_tokens"], conds["pooled_text"],
+                            conds["layout_images"], conds["camera_params"], conds["view_adjacency"], disable_temporal,
+                            disable_crossview, layout_residuals=conds.get("layout_residuals"))
+
+  def forward(self, params, batch, x_t, timesteps, text_drop, box_drop, map_drop, disable_temporal,
+              disable_crossview):
+    """Velocity prediction with the given noisy latents and per-sample condition drops."""
+    return self.velocity(params, self.conditions(params, batch, text_drop, box_drop, map_drop), x_t, timesteps,
+                         disable_temporal, disable_crossview)
 
   # ---------------------------------------------------------------------------------------------------------------- #
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]):
