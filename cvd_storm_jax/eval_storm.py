@@ -325,12 +325,15 @@ def evaluate(config: Any, checkpoint: str, out_dir: str, *, num_batches: int = 4
   task = tasks.get_task(config)
   if params is None:
     params = load_checkpoint_params(checkpoint)
+  # On the device once: a host tree would be uploaded again for every batch.
+  params = jax.device_put(params)
   lpips_fn = None
   if "lpips" in params:
     from cvd_storm_jax.models.lpips import LPIPS
     # fp32 whatever the training dtype (the loss's VGG16 runs in bf16 in the recipe): this is the reported metric.
-    lpips_params = params["lpips"]
-    lpips_fn = jax.jit(lambda x0, x1: LPIPS().apply({"params": lpips_params}, x0, x1))
+    # The weights are an argument, not constants folded into the program.
+    lpips = jax.jit(lambda p, x0, x1: LPIPS().apply({"params": p}, x0, x1))
+    lpips_fn = functools.partial(lpips, params["lpips"])
   if num_batches < 0:
     raise ValueError(f"--num_batches={num_batches}: give a positive number of batches, or 0 for the whole data")
   it = pipeline.make_iterator(config.data, seed=config.seed, single_pass=True)

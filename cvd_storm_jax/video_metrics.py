@@ -21,6 +21,7 @@ up to rounding even for rank-deficient covariances (fewer samples than dimension
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Mapping, Optional
 
@@ -187,7 +188,8 @@ class FIDFeatures(_BatchedFeatures):
 
     from cvd_storm_jax.pretrained.inception import load_inception
     module, variables = load_inception(weights)
-    fn = jax.jit(lambda x: module.apply(variables, x)["pool"])
+    # The weights go in as a device argument: closed over, they would be folded into the program as constants.
+    fn = functools.partial(jax.jit(lambda v, x: module.apply(v, x)["pool"]), jax.device_put(variables))
     super().__init__(fn, batch_size)
 
 
@@ -203,5 +205,5 @@ class FVDFeatures(_BatchedFeatures):
 
     from cvd_storm_jax.pretrained.i3d import load_i3d
     module, variables = load_i3d(weights)
-    fn = jax.jit(lambda x: module.apply(variables, resize_for_fvd(x)))
+    fn = functools.partial(jax.jit(lambda v, x: module.apply(v, resize_for_fvd(x))), jax.device_put(variables))
     super().__init__(fn, batch_size)
