@@ -236,3 +236,12 @@ def test_resize_sample_and_add_conditions():
     assert np.shares_memory(in_place[k], rows[k])
   with pytest.raises(ValueError, match="box_images: out"):
     conditions.box_images(r, out=np.zeros((1, 2, 45, 81, 3), np.uint8))
+
+
+def test_near_plane_clipping_keeps_segments_that_cross_it():
+  """A segment from behind the camera to in front is kept and cut at the near plane (lane lines beside the car)."""
+  seg = np.array([[[0.0, 0.0, -1.0], [0.0, 3.0, 2.0]], [[0.0, 0.0, -1.0], [1.0, 0.0, -0.5]]])
+  clipped, keep = geometry.clip_segments_near(seg, near=0.5)
+  assert keep.tolist() == [True, False]
+  np.testing.assert_allclose(clipped[0, 0], [0.0, 1.5, 0.5])
+  np.testing.assert_allclose(clipped[0, 1], [0.0, 3.0, 2.0])

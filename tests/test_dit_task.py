@@ -41,6 +41,10 @@ def test_rectified_flow_matches_diffusers_scheduler():
   grid = train.sigmas.numpy()
   assert np.abs(sig[:, None] - grid[None, :]).min(axis=1).max() < 1e-6  # every sigma is on the training grid
   assert 0.55 < np.median(sig) < 0.85  # logit-normal(0, 1) median 0.5, shifted by 3: 0.75
+  # A positive logit mean samples u = sigmoid(N(1, 1)) towards index 1000, i.e. towards small timesteps (SD3's grid
+  # descends): median timestep 1000 - floor(1000 sigmoid(1)) = 269, sigma = 3 * 0.269 / (1 + 2 * 0.269) = 0.525.
+  sig = np.asarray(rf.sample_training_sigmas(jax.random.key(0), (4096,), logit_mean=1.0))
+  assert abs(np.median(sig) - 0.525) < 0.02, np.median(sig)
   x0, eps = jnp.ones((2, 3)), jnp.zeros((2, 3))
   np.testing.assert_allclose(rf.add_noise(x0, eps, jnp.array([0.25, 1.0])), [[0.75] * 3, [0.0] * 3])
   torch.manual_seed(0)
@@ -136,12 +140,13 @@ def test_vae_latents_from_storm_vae_export(tmp_path, host_batch):
   assert convs and all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
 
 
-def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):
-  """diffusion.loss_form="x0" with loss_on_reference_frames (OpenDWM's C35): the loss is C35's mean over every frame
-  and valid view of ||x_t - sigma v - x0||^2, reference frames included with the sample's sigma."""
+def _loss_of_a_fixed_velocity(host_batch, monkeypatch, loss_form, on_reference):
+  """The task's loss when the model is replaced by v = sin(3 x_t) + 0.5 (any fixed function of the input: the loss
+  is checked, not the model), every sample with reference frames. Returns (loss, x_t, timesteps, x0, v, view weights
+  [B, T, V]) as float64 numpy."""
   config = small_dit_config()
-  config.diffusion.loss_form, config.diffusion.loss_on_reference_frames = "x0", True
-  config.conditioning.generation_task_ratio = 0.0  # every sample has reference frames
+  config.diffusion.loss_form, config.diffusion.loss_on_reference_frames = loss_form, on_reference
+  config.conditioning.generation_task_ratio = 0.0
   task = dit_task.make_task(config)
   batch = {k: jnp.asarray(v) for k, v in task.device_batch(host_batch).items()}
   params = jax.jit(lambda r: meta.unbox(task.init(r, batch)))(jax.random.key(0))
@@ -149,17 +154,37 @@ def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):
 
   def fake_forward(params, batch, x_t, timesteps, *drops):
     seen["x_t"], seen["t"] = x_t, timesteps
-    return jnp.sin(3.0 * x_t) + 0.5  # any fixed function of the input: the loss is checked, not the model
+    return jnp.sin(3.0 * x_t) + 0.5
   monkeypatch.setattr(task, "forward", fake_forward)
   loss, _ = task.loss_fn(params, batch, jax.random.key(3), 0)
   x_t, t = np.asarray(seen["x_t"], np.float64), np.asarray(seen["t"])
   assert (t[:, 0] == 0).all() and (t[:, -1] > 0).all()  # frame 0 is a reference, the last one is generated
-  sigma = t[:, -1, 0] / 1000.0
   x0 = np.asarray(task._latents(params, batch, jax.random.key(9)), np.float64)  # pixel_unshuffle: no randomness
-  err = (x_t - sigma[:, None, None, None, None, None] * (np.sin(3.0 * x_t) + 0.5) - x0) ** 2
   w = np.broadcast_to(np.asarray(batch["view_mask"], np.float64)[:, None, :], t.shape)
-  want = (err.mean(axis=(3, 4, 5)) * w).sum() / w.sum()
-  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  return float(loss), x_t, t, x0, np.sin(3.0 * x_t) + 0.5, w
+
+
+def test_x0_loss_with_reference_frames_is_c35s(host_batch, monkeypatch):
+  """diffusion.loss_form="x0" with loss_on_reference_frames (OpenDWM's C35): the loss is C35's mean over every frame
+  and valid view of ||x_t - sigma v - x0||^2, reference frames included with the sample's sigma."""
+  loss, x_t, t, x0, v, w = _loss_of_a_fixed_velocity(host_batch, monkeypatch, "x0", True)
+  sigma = (t[:, -1, 0] / 1000.0)[:, None, None, None, None, None]
+  err = ((x_t - sigma * v - x0) ** 2).mean(axis=(3, 4, 5))
+  np.testing.assert_allclose(loss, (err * w).sum() / w.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_reference", [False, True])
+def test_velocity_loss_frames(host_batch, monkeypatch, on_reference):
+  """The default velocity loss: (v - (eps - x0))^2 averaged over generated frames and valid views; reference frames
+  are left out, or (loss_on_reference_frames) kept with target zero velocity."""
+  loss, x_t, t, x0, v, w = _loss_of_a_fixed_velocity(host_batch, monkeypatch, "velocity", on_reference)
+  is_ref = t == 0
+  sigma = (t[:, -1, 0] / 1000.0)[:, None, None, None, None, None]
+  eps = (x_t - (1.0 - sigma) * x0) / sigma  # x_t = (1 - sigma) x0 + sigma eps on generated frames
+  target = np.where(is_ref[..., None, None, None], 0.0, eps - x0)
+  err = ((v - target) ** 2).mean(axis=(3, 4, 5))
+  w = w if on_reference else w * ~is_ref
+  np.testing.assert_allclose(loss, (err * w).sum() / w.sum(), rtol=1e-4)
 
 
 def _write_text_store(path, captions, *, clip_length=3, clip_dim=4, joint_dim=8, pooled_dim=6, t5_length=0):

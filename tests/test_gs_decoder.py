@@ -158,3 +158,34 @@ def test_motion_key_head_keeps_its_bf16_input(setup):
   kept = {(jnp.dtype(v.dtype).name, tuple(v.shape)) for v in saved}
   feats = (B * T * V, H, W, cfg.upscale_channels[-1])
   assert ("bfloat16", feats) in kept and ("float32", feats) not in kept, kept
+
+
+def test_pixel_rays_hand_computed():
+  """Block-centre rays with fx != fy: the ray of latent block (row 1, col 2) at stride 8 passes through pixel
+  centre (20, 12): direction ((20 - cx) / fx, (12 - cy) / fy, 1) in the camera frame."""
+  ks = jnp.array([[20.0, 0, 12.0], [0, 30.0, 8.0], [0, 0, 1]])
+  _, dirs = pixel_rays(ks, jnp.eye(4), 16, 24, stride=8)
+  np.testing.assert_allclose(np.asarray(dirs[1, 2]), [(20 - 12) / 20, (12 - 8) / 30, 1.0], rtol=1e-6)
+
+
+def test_head_layout_depth_range_and_velocity_mix(setup):
+  """With the head's kernel zeroed, its bias alone sets every pixel: a ramp over the 8x8 sub-pixel index of the
+  depth channel must land at pixel (y, x) by (y % 8, x % 8), mapped to near + sigmoid * (far - near). Motion bases
+  all equal to b make every velocity b (the softmax weights over motion tokens sum to one)."""
+  from cvd_storm_jax.models.gs_decoder import GS_CHANNELS
+  s = setup
+  cfg = s["cfg"]
+  p = jax.tree.map(np.array, s["params"])
+  head, basis = p["params"]["gs_head"], p["params"]["motion_basis_decoder"]["fc2"]
+  ramp = np.linspace(-3.0, 3.0, 64, dtype=np.float32).reshape(8, 8)
+  head["kernel"][:] = 0.0
+  bias = head["bias"].reshape(8, 8, GS_CHANNELS)
+  bias[..., 0] = ramp
+  head["bias"] = bias.reshape(-1)
+  b = np.array([0.7, -1.2, 0.3], np.float32)
+  basis["kernel"][:], basis["bias"][:] = 0.0, b
+  g = s["apply"](p, s["lat"], s["ks"], s["c2r"], s["times"], s["vm"])
+  sub = ramp[np.arange(H)[:, None] % 8, np.arange(W)[None, :] % 8]
+  want = cfg.near + (cfg.far - cfg.near) / (1.0 + np.exp(-sub))
+  np.testing.assert_allclose(np.asarray(g["depths"]), np.broadcast_to(want, g["depths"].shape), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g["velocities"]), np.broadcast_to(b, g["velocities"].shape), atol=1e-5)

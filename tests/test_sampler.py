@@ -279,9 +279,19 @@ def test_clip_sampler_hoists_conditions_and_compiles_once():
   (conditions and adapter inside every step; no reference argument for the first window)."""
   from cvd_storm_jax.generate import ClipSampler, slice_frames
   task, batch, params = _random_tiny_dit("float32")
+  drops, conditions = [], task.conditions
+
+  def recording(params, batch, text_drop, box_drop, map_drop, **kw):
+    jax.debug.callback(lambda *d: drops.append(np.stack(d)), text_drop, box_drop, map_drop)
+    return conditions(params, batch, text_drop, box_drop, map_drop, **kw)
+  task.conditions = recording
   clip_sampler = ClipSampler(task, num_steps=2, guidance=3.0)
   out = clip_sampler(clip_sampler.device_params(params), batch, window=2, reference_frames=1, seed=3)
   assert clip_sampler._run_window._cache_size() == 1
+  # The unconditional half of the doubled batch drops text, boxes and map alike; the conditional half none.
+  B = batch["box_images"].shape[0]
+  assert len(drops) == 2 and all((d == [[False] * B + [True] * B] * 3).all() for d in drops), drops
+  task.conditions = conditions
   B, T, V, h, w, C = task._latent_shape(batch)
   noise = jax.random.normal(jax.random.split(jax.random.key(3))[0], (B, T, V, h, w, C), jnp.float32)
 

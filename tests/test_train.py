@@ -342,3 +342,58 @@ def test_frozen_vae_encoder_stays_fixed_in_training(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(first["dit"]), jax.tree.leaves(last["dit"])))
+
+
+class _NanGradientTask:
+  """loss = sum(w^2), plus (when batch["bad"]) a term whose value is 0 but whose gradient is NaN: a finite loss with
+  non-finite gradients, which a loss-only check would let through."""
+
+  def loss_fn(self, params, batch, rng, step):
+    del rng, step
+    w = params["w"]
+    nan_gradient = lambda: jnp.sum(jnp.where(w > 1e6, jnp.sqrt(w - 2e6), 0.0))
+    return jnp.sum(w ** 2) + jax.lax.cond(batch["bad"], nan_gradient, lambda: 0.0), {}
+
+
+def _optimizer_config(**overrides):
+  import ml_collections
+  c = dict(lr=0.1, end_lr=1e-3, warmup_steps=2, schedule="cosine", grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8,
+           weight_decay=0.0)
+  return ml_collections.ConfigDict(dict(c, **overrides))
+
+
+def test_update_skips_nonfinite_gradients_under_a_finite_loss():
+  """A step with NaN gradients leaves params and optimizer moments untouched and is counted; a good step resets the
+  consecutive count, not the total."""
+  from cvd_storm_jax import train as train_mod
+  tx, lr = train_mod._optimizer(_optimizer_config(warmup_steps=0), 10, None)  # the first good step moves the params
+  params = {"w": jnp.array([0.5, -1.0, 2.0])}
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "nonfinite_total": jnp.int32(0),
+           "nonfinite_run": jnp.int32(0)}
+  update = jax.jit(train_mod.make_update(_NanGradientTask(), tx, lr))
+  s1, m1 = update(state, {"bad": jnp.bool_(True)}, jax.random.key(0))
+  assert not np.isfinite(float(m1["grad_norm"])) and np.isfinite(float(m1["loss"]))
+  for a, b in zip(jax.tree.leaves((s1["params"], s1["opt_state"])), jax.tree.leaves((params, state["opt_state"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(s1["nonfinite_run"]) == 1
+  s2, _ = update(s1, {"bad": jnp.bool_(False)}, jax.random.key(0))
+  assert int(s2["nonfinite_run"]) == 0 and not np.array_equal(np.asarray(s2["params"]["w"]), np.asarray(params["w"]))
+  s3, _ = update(s2, {"bad": jnp.bool_(True)}, jax.random.key(0))
+  assert int(s3["nonfinite_total"]) == 2 and int(s3["nonfinite_run"]) == 1
+
+
+def test_schedule_endpoints_and_gradient_clipping():
+  """Warmup from 0 to lr, cosine down to end_lr exactly at the last step; updates are optax's clip-then-AdamW."""
+  import optax
+
+  from cvd_storm_jax import train as train_mod
+  tx, lr = train_mod._optimizer(_optimizer_config(), 10, None)
+  assert float(lr(0)) == 0.0 and abs(float(lr(2)) - 0.1) < 1e-7 and abs(float(lr(10)) - 1e-3) < 1e-8
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+  p = {"w": jnp.ones(3)}
+  s, r = tx.init(p), ref.init(p)
+  for g in (100.0, 0.01):  # the first is clipped, and it sets the moments the second step sees
+    grads = {"w": jnp.array([g, -g, 0.5 * g])}
+    u, s = tx.update(grads, s, p)
+    v, r = ref.update(grads, r, p)
+  np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(v["w"]), rtol=1e-6)

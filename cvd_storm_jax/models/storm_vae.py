@@ -69,16 +69,13 @@ class StormVAE(nn.Module):
     """See ``GSDecoder.render``."""
     return self.gs.render(gaussians, cam_to_ref, intrinsics, target_times, height, width)
 
-  def to_model_latents(self, z: Array) -> Array:
-    return (z - self.vae_config.shift_factor) * self.vae_config.scaling_factor
-
   def init_forward(self, images: Array, intrinsics: Array, cam_to_ref: Array, times: Array,
                    view_mask: Array) -> dict[str, Array]:
     """Everything that owns params (encoder, decoder, GS decoder incl. its sky head) without rendering: a cheaper
     program for ``init`` (the rasteriser has no params)."""
     mean, logvar = self.encode(images)
     recon = self.decode(mean)
-    gaussians = self.gaussians(self.to_model_latents(mean), intrinsics, cam_to_ref, times, view_mask)
+    gaussians = self.gaussians(self.vae.to_model_latents(mean), intrinsics, cam_to_ref, times, view_mask)
     return {"recon": recon, "gaussians": gaussians}
 
   def __call__(self, images: Array, intrinsics: Array, cam_to_ref: Array, times: Array, view_mask: Array,
@@ -100,6 +97,6 @@ class StormVAE(nn.Module):
     z = mean if rng is None else vae_lib.sample(mean, logvar, rng)
     recon = self.decode(z) if decode else None
     gs_in = z if self.gs_latent == "sample" else mean
-    gaussians = self.gaussians(self.to_model_latents(gs_in), intrinsics, cam_to_ref, times, view_mask)
+    gaussians = self.gaussians(self.vae.to_model_latents(gs_in), intrinsics, cam_to_ref, times, view_mask)
     renders = self.render(gaussians, target_cam_to_ref, target_intrinsics, target_times, height, width)
     return {"mean": mean, "logvar": logvar, "z": z, "recon": recon, "gaussians": gaussians, "renders": renders}
