@@ -31,9 +31,14 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   also a per-sample sum, carries over to means as weight x (latent values / pixel values) = weight / 12 for the SD3.5
   VAE (16 channels at 1/8 resolution).
   """
+  return jnp.mean(kl_per_element(mean, logvar))
+
+
+def kl_per_element(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """The per-element KL 0.5 * (mean^2 + exp(logvar) - 1 - logvar) in fp32, shaped like ``mean``."""
   mean = mean.astype(jnp.float32)
   logvar = logvar.astype(jnp.float32)
-  return jnp.mean(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
+  return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
 
 
 def psnr(pred: jax.Array, target: jax.Array, data_range: float = 2.0) -> jax.Array:

@@ -76,8 +76,7 @@ def vae_loss_masked(recon: Array, target: Array, mean: Array, logvar: Array, ima
     (loss, metrics {vae_mse, vae_lpips, vae_kl, vae_psnr}).
   """
   err = jnp.mean(jnp.square(recon.astype(jnp.float32) - target.astype(jnp.float32)), axis=(-3, -2, -1))
-  mf, lf = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-  kl = jnp.mean(0.5 * (jnp.square(mf) + jnp.exp(lf) - 1.0 - lf), axis=(-3, -2, -1))
+  kl = jnp.mean(base_losses.kl_per_element(mean, logvar), axis=(-3, -2, -1))
   l_mse, l_kl = _masked_mean(err, image_mask), _masked_mean(kl, image_mask)
   if weights.lpips != 0.0:
     if lpips_fn is None:
