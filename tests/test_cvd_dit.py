@@ -142,13 +142,13 @@ def test_view_adjacency_blocks_cross_view_attention(tiny):
   np.testing.assert_allclose(perturbed(1, **off)[:, :, 0], ref_off[:, :, 0], rtol=0, atol=1e-6)
 
 
-def _layer_locality(axis, attention_type, pos, shape=(1, 4, 3, 6, 64), grid=(2, 3)):
+def _layer_locality(axis, attention_type, pos, shape=(1, 4, 3, 6, 64), grid=(2, 3), adjacency=None):
   layer = cvd_dit.IndexMixLayer(axis, attention_type, heads=2, head_dim=32)
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   cond = jnp.asarray(rng.standard_normal(shape[:3] + shape[-1:]), jnp.float32)
   disable = jnp.zeros((shape[0],), bool)
-  adj = jnp.ones((shape[0], shape[2], shape[2]), bool)
+  adj = jnp.ones((shape[0], shape[2], shape[2]), bool) if adjacency is None else jnp.asarray(adjacency)[None]
   params = meta.unbox(jax.jit(lambda x: layer.init(jax.random.key(0), x, cond, disable, adj, grid=grid))(x))
   assert float(params["params"]["mixer"]["mix_factor"][0]) == 2.0  # alpha starts at sigmoid(2) ~ 0.88
   f = jax.jit(lambda x: layer.apply(params, x, cond, disable, adj, grid=grid))
@@ -170,6 +170,17 @@ def test_crossview_rowwise_mixes_only_same_row():
   expect = np.zeros_like(changed)
   expect[1, :, 3:] = True  # frame 1, all views, row 1 (tokens 3..5)
   np.testing.assert_array_equal(changed, expect)
+
+
+@pytest.mark.parametrize("attention_type", ["rowwise", "full"])
+def test_crossview_follows_a_one_way_adjacency(attention_type):
+  """adjacency[i, j] = view i attends to view j: with view 0 not attending to view 1 (but 1 to 0), a change in
+  view 1 reaches views 1 and 2 and never view 0."""
+  adjacency = np.ones((3, 3), bool)
+  adjacency[0, 1] = False
+  changed = _layer_locality("crossview", attention_type, (0, 1, 1, 4), adjacency=adjacency)
+  assert not changed[:, 0].any()
+  assert changed[1, 1, 4] and changed[1, 2].any()
 
 
 def test_full_variants_stay_within_view_or_frame():
