@@ -189,3 +189,22 @@ def test_head_layout_depth_range_and_velocity_mix(setup):
   want = cfg.near + (cfg.far - cfg.near) / (1.0 + np.exp(-sub))
   np.testing.assert_allclose(np.asarray(g["depths"]), np.broadcast_to(want, g["depths"].shape), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(g["velocities"]), np.broadcast_to(b, g["velocities"].shape), atol=1e-5)
+
+
+def test_rendered_depth_is_normalised_by_alpha(setup):
+  """Faint Gaussians (opacity 0.05) all at camera depth 5 m render alpha well below 1 and depth 5 m ("ED": expected
+  depth divided by the accumulated alpha), not 5 * alpha."""
+  s = setup
+  g = dict(s["apply"](s["params"], s["lat"], s["ks"], s["c2r"], s["times"], s["vm"]))
+  cam = s["c2r"][:, :, :, None, None]  # frame 0 cameras: translation only, looking along +z
+  g["means"] = cam[..., :3, 3] + g["dirs"] * 5.0 - jnp.array([0.0, 0.0, 1.0]) * cam[..., 2:3, 3]
+  g["opacities"] = jnp.where(g["opacities"] > 0, 0.05, 0.0)
+  g["scales"] = jnp.full_like(g["scales"], 0.05)
+  g["velocities"] = jnp.zeros_like(g["velocities"])
+  render = jax.jit(lambda p, g: s["model"].apply(p, g, s["c2r"][:, :1], s["ks"][:, :1], s["times"][:, :1], H, W,
+                                                 method=GSDecoder.render))
+  r = render(s["params"], g)
+  alpha, depth = np.asarray(r["alpha"])[0, 0, :2], np.asarray(r["depth"])[0, 0, :2]
+  seen = alpha > 0.05
+  assert seen.mean() > 0.5 and alpha[seen].max() < 0.95
+  np.testing.assert_allclose(depth[seen], 5.0, rtol=1e-3)
