@@ -22,5 +22,6 @@ python benchmarks/bench_dit.py --tiny --repeats 2 --model sd3
 python benchmarks/bench_vae.py --tiny
 python benchmarks/bench_rasterizer.py --tiny --backends pallas,xla,pallas_rows --out "$SMOKE/rasterizer_ours.json"
 python benchmarks/bench_storm_vae.py --tiny
+python benchmarks/bench_sample.py --tiny
 python benchmarks/summarize_gpu.py "$SMOKE"
 echo "prepare_gpu: all checks passed ($SMOKE)"

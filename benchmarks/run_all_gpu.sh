@@ -10,6 +10,8 @@
 #   extra = dit_sd3 rasterizer                    our MM-DiT on the anchor's own workload (like for like), the
 #                                                 rasterizer beside gsplat (its ~60 s CUDA build included)
 # Or name single parts: bash benchmarks/run_all_gpu.sh vae storm_vae
+# Not in a group (no issue target; when the budget allows): sample = DiT sampling steps at the paper size, the
+# conditions computed once per window against inside every step (does XLA:GPU hoist them itself?)
 # What comes back in $OUT (the device tool returns at most 8 files): run.log (everything printed), results.jsonl (one
 # JSON line per measurement, appended as it is made, so a killed part keeps what it measured), the peers' anchor
 # JSONs (mmdit_anchor.json, vae_anchor.json, gsplat_anchor.json), rasterizer_ours.json and summary.txt
@@ -57,12 +59,13 @@ run_part() {
     vae) anchor 70 diffusers_vae.py "diffusers VAE"
          part 110 "VAE" python3 benchmarks/bench_vae.py --batch 24 --anchor "$OUT_DIR/vae_anchor.json" ;;
     storm_vae) part 100 "STORM-VAE step" python3 benchmarks/bench_storm_vae.py ;;
+    sample) part 300 "DiT sampling steps" python3 benchmarks/bench_sample.py ;;
     rasterizer)
       export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
       anchor 110 gsplat_rasterize.py gsplat
       part 150 "rasterizer" python3 benchmarks/bench_rasterizer.py --backends pallas,xla,pallas_rows \
         --gsplat-json "$OUT_DIR/gsplat_anchor.json" --out "$OUT_DIR/rasterizer_ours.json" ;;
-    *) echo "unknown part $1 (core, extra, dit_anchor, dit_cvd, dit_sd3, vae, storm_vae, rasterizer)" ;;
+    *) echo "unknown part $1 (core, extra, dit_anchor, dit_cvd, dit_sd3, vae, storm_vae, rasterizer, sample)" ;;
   esac
 }
 

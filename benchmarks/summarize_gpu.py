@@ -75,6 +75,12 @@ def lines(records: dict[tuple, dict]) -> list[str]:
                f"rasterizer share {r['render_share']} ({r['render_ms']} ms), overflow {r['rasterizer_overflow']}, "
                f"compile {r['compile_s']} s")
 
+  r = records.get(("dit_sampling_step", ""))
+  if r:  # the optional "sample" part
+    out.append(f"DiT sampling, one guided {r['frames']}x{r['views']} window: step {r['step_s']} s; speedup over the "
+               f"plain fp32 step {r['speedup_vs_plain_fp32']} (adapter {r['adapter_share_of_step']} of the FLOPs); "
+               f"MFU {r['mfu_vs_matmul']}; peak {r['peak_mem_gb']} GB")
+
   scenes = [r for (bench, _), r in records.items() if bench is None and "scene" in r]
   if not scenes:
     out.append("rasterizer (issue 4): not measured")

@@ -130,6 +130,19 @@ def mosaic(frames: np.ndarray, rows: int = 2) -> np.ndarray:
   return grid.transpose(0, 1, 3, 2, 4, 5).reshape(t, rows * h, cols * w, c)
 
 
+def kernels_in(tree: Any, dtype: Any) -> Any:
+  """``tree`` with its floating leaves of ndim >= 2 (dense, conv and embedding kernels) cast to ``dtype``; the rest
+  (norm scales, biases, gates) as they are. Host leaves stay host arrays."""
+  import jax
+  import jax.numpy as jnp
+  dtype = jnp.dtype(dtype)
+
+  def cast(x):
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, tree)
+
+
 class ClipSampler:
   """Samples latent clips for device batches of a DiT task. The jitted window function is built once and reused for
   every window and every batch of the same shapes (generate: one batch; eval_dit: many).
@@ -189,17 +202,10 @@ class ClipSampler:
     bit-identical; XLA's excess-precision rewrites may round a whole sampling loop differently) in half their memory
     (paper size: 7.6 instead of 15.2 GiB)."""
     import jax
-    import jax.numpy as jnp
 
     from cvd_storm_jax.models.embeddings import as_dtype
-    dtype = jnp.dtype(as_dtype(self.task.config.model.get("dtype", "float32")))
-
-    def cast(x):
-      x = x if isinstance(x, jax.Array) else np.asarray(x)
-      return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-
     params = dict(params)
-    params["dit"] = jax.tree.map(cast, params["dit"])
+    params["dit"] = kernels_in(params["dit"], as_dtype(self.task.config.model.get("dtype", "float32")))
     return jax.device_put(params)
 
   def plan(self, total_frames: int, *, num_frames: int = 0, window: int = 0, reference_frames: int = 3,
