@@ -470,6 +470,9 @@ def test_project_matches_an_independent_numpy_ewa():
   quats = rng.normal(size=(n, 4))
   quats /= np.linalg.norm(quats, axis=1, keepdims=True)
   scales = rng.uniform(0.05, 0.4, (n, 3))
+  # The last one lies beyond the Jacobian's clamp (|x/z| <= 1.3 * tan(half FOV) = 0.83 here), large enough to reach
+  # into the image.
+  means[-1], scales[-1] = [6.0, 0.0, 5.0], [2.0, 1.5, 1.0]
   rot = _quat_wxyz_to_matrix(np.array([0.97, 0.05, -0.1, 0.15]))
   view = np.eye(4)
   view[:3, :3], view[:3, 3] = rot, [0.2, -0.1, 0.5]
@@ -480,7 +483,9 @@ def test_project_matches_an_independent_numpy_ewa():
     R = _quat_wxyz_to_matrix(quats[i])
     cov = R @ np.diag(scales[i] ** 2) @ R.T
     x, y, z = rot @ means[i] + view[:3, 3]
-    J = np.array([[Ks[0, 0] / z, 0, -Ks[0, 0] * x / z ** 2], [0, Ks[1, 1] / z, -Ks[1, 1] * y / z ** 2]])
+    tx = z * np.clip(x / z, -1.3 * 0.5 * W / Ks[0, 0], 1.3 * 0.5 * W / Ks[0, 0])
+    ty = z * np.clip(y / z, -1.3 * 0.5 * H / Ks[1, 1], 1.3 * 0.5 * H / Ks[1, 1])
+    J = np.array([[Ks[0, 0] / z, 0, -Ks[0, 0] * tx / z ** 2], [0, Ks[1, 1] / z, -Ks[1, 1] * ty / z ** 2]])
     cov2 = J @ rot @ cov @ rot.T @ J.T + 0.3 * np.eye(2)
     inv = np.linalg.inv(cov2)
     assert bool(p.valid[0, i])
