@@ -210,7 +210,8 @@ def test_resize_sample_and_add_conditions():
   s["sky_mask"][:, :, : H // 2] = True
   r = conditions.resize_sample(s, 45, 80)
   assert r["images"].shape == (1, 2, 45, 80, 3) and np.all(r["images"] == 200)
-  assert r["sky_mask"].shape == (1, 2, 45, 80) and r["sky_mask"][0, 0, :22].all() and not r["sky_mask"][0, 0, 23:].any()
+  # Nearest sampling at target pixel centres: row 22 samples source row 45, the first non-sky one.
+  assert r["sky_mask"].shape == (1, 2, 45, 80) and r["sky_mask"][0, 0, :22].all() and not r["sky_mask"][0, 0, 22:].any()
   # The projected pixel (in pixel-centre units) scales with the image.
   uv0, _, _ = geometry.project_ego_points(p[None], s["intrinsics"][0, 0], s["cam_to_ego"][0, 0])
   uv1, _, _ = geometry.project_ego_points(p[None], r["intrinsics"][0, 0], r["cam_to_ego"][0, 0])
@@ -245,3 +246,10 @@ def test_near_plane_clipping_keeps_segments_that_cross_it():
   assert keep.tolist() == [True, False]
   np.testing.assert_allclose(clipped[0, 0], [0.0, 1.5, 0.5])
   np.testing.assert_allclose(clipped[0, 1], [0.0, 3.0, 2.0])
+
+
+def test_segments_are_drawn_at_the_nearest_pixel():
+  """Pixel centres at integer coordinates (OpenCV intrinsics): v = 10.6 is drawn on row 11, u = 3.4 starts at col 3."""
+  img = conditions.draw_segments((20, 30), np.array([[[3.4, 10.6], [25.0, 10.6]]]), np.array([[255, 0, 0]]), 1)
+  rows = np.flatnonzero(img[..., 0].any(axis=1))
+  assert rows.tolist() == [11] and np.flatnonzero(img[11, :, 0])[0] == 3
