@@ -31,8 +31,9 @@ def _missing_key(error: BaseException) -> tuple[str, str]:
 
 def _fatal(message: str) -> None:
   """Exit 1 with absl's own report of a bad flag (``app.parse_flags_with_usage``)."""
-  sep = ":\n" if "\n" in message else ": "
-  sys.stderr.write(f"FATAL Flags parsing error{sep}{textwrap.indent(message, '  ') if sep != ': ' else message}\n")
+  # Several lines go below the heading, indented, as absl prints them; one line goes after it.
+  message = "\n" + textwrap.indent(message, "  ") if "\n" in message else " " + message
+  sys.stderr.write(f"FATAL Flags parsing error:{message}\n")
   sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
   sys.exit(1)
 
