@@ -64,14 +64,36 @@ def plan(build, loss_of, params, state: int, inputs, model_flops: float) -> None
                       "step_flops_over_model_flops": round(step_flops / model_flops, 3)}), flush=True)
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--model", choices=["cvd", "sd3"], default="cvd")
+def add_size_args(ap: argparse.ArgumentParser) -> None:
+  """--tiny and the clip's size (paper: 19 frames x 6 views, 32x56 latents, 154 text tokens)."""
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--frames", type=int, default=19)
   ap.add_argument("--views", type=int, default=6)
   ap.add_argument("--latent-hw", type=int, nargs=2, default=(32, 56))
   ap.add_argument("--text-len", type=int, default=154)
+
+
+def sizes(args) -> tuple[int, int, int, int, int]:
+  """(T, V, h, w, text length) of add_size_args' flags (--tiny: 2 x 2 clips of 8x8 latents, 8 tokens)."""
+  if args.tiny:
+    return 2, 2, 8, 8, 8
+  return args.frames, args.views, args.latent_hw[0], args.latent_hw[1], args.text_len
+
+
+def random_cvd_inputs(cfg, b: int, T: int, V: int, h: int, w: int, L: int, ks) -> tuple:
+  """Random CVDDiT inputs for ``b`` clips (normal latents, text and cameras, uniform timesteps and layouts, all views
+  adjacent, no block disabled); ``ks`` an iterator of keys."""
+  normal = lambda *shape: jax.random.normal(next(ks), shape, jnp.float32)
+  return (normal(b, T, V, h, w, cfg.in_channels), jax.random.uniform(next(ks), (b, T, V)) * 1000,
+          normal(b, T, V, L, cfg.joint_attention_dim), normal(b, T, V, cfg.pooled_projection_dim),
+          jax.random.uniform(next(ks), (b, T, V, 8 * h, 8 * w, cfg.layout_channels)),
+          normal(b, T, V, cfg.camera_dim), jnp.ones((b, V, V), bool), jnp.zeros((b,), bool), jnp.zeros((b,), bool))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", choices=["cvd", "sd3"], default="cvd")
+  add_size_args(ap)
   ap.add_argument("--remat", default="auto", choices=("auto",) + mmdit.REMAT_POLICIES,
                   help="auto: the least recomputation whose estimate fits the device (cvd_storm_jax.memory); a "
                        "policy: start there. If the step runs out of memory, the next policy of "
@@ -86,19 +108,14 @@ def main():
 
   cfg = cvd_dit.default_model_config("tiny" if args.tiny else "sd35_medium")
   cfg.dtype = "bfloat16"
-  T, V = (2, 2) if args.tiny else (args.frames, args.views)
-  h, w = (8, 8) if args.tiny else args.latent_hw
-  L = 8 if args.tiny else args.text_len
+  T, V, h, w, L = sizes(args)
   C = cfg.in_channels
   key = jax.random.key(0)
   ks = iter(jax.random.split(jax.random.key(1), 8))
   normal = lambda *shape: jax.random.normal(next(ks), shape, jnp.float32)
   if args.model == "cvd":
     build = lambda policy: cvd_dit.CVDDiT(**dict(cfg, remat_policy=policy))
-    inputs = (normal(1, T, V, h, w, C), jax.random.uniform(next(ks), (1, T, V)) * 1000,
-              normal(1, T, V, L, cfg.joint_attention_dim), normal(1, T, V, cfg.pooled_projection_dim),
-              jax.random.uniform(next(ks), (1, T, V, 8 * h, 8 * w, 6)), normal(1, T, V, 11),
-              jnp.ones((1, V, V), bool), jnp.zeros((1,), bool), jnp.zeros((1,), bool))
+    inputs = random_cvd_inputs(cfg, 1, T, V, h, w, L, ks)
     flops = 3 * cvd_dit.flops_per_clip(cfg, T, V, h, w, L)
     tokens = T * V * (h // cfg.patch_size) * (w // cfg.patch_size)
   else:

@@ -25,16 +25,13 @@ from flax.core import meta
 from cvd_storm_jax.diffusion import sampler
 from cvd_storm_jax.generate import kernels_in
 from cvd_storm_jax.models import cvd_dit
+from bench_dit import add_size_args, random_cvd_inputs, sizes  # benchmarks/bench_dit.py
 from timing import emit, matmul_tflops, timed  # benchmarks/timing.py
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--tiny", action="store_true")
-  ap.add_argument("--frames", type=int, default=19)
-  ap.add_argument("--views", type=int, default=6)
-  ap.add_argument("--latent-hw", type=int, nargs=2, default=(32, 56))
-  ap.add_argument("--text-len", type=int, default=154)
+  add_size_args(ap)
   ap.add_argument("--steps", type=int, default=2, help="Euler steps per timed window")
   ap.add_argument("--guidance", type=float, default=4.0)
   ap.add_argument("--repeats", type=int, default=2)
@@ -42,20 +39,14 @@ def main():
 
   cfg = cvd_dit.default_model_config("tiny" if args.tiny else "sd35_medium")
   cfg.dtype, cfg.remat_policy = "bfloat16", "none"  # no gradients: nothing to recompute
-  T, V = (2, 2) if args.tiny else (args.frames, args.views)
-  h, w = (8, 8) if args.tiny else args.latent_hw
-  L = 8 if args.tiny else args.text_len
+  T, V, h, w, L = sizes(args)
   model = cvd_dit.CVDDiT(**dict(cfg))
-  ks = iter(jax.random.split(jax.random.key(1), 8))
-  normal = lambda *shape: jax.random.normal(next(ks), shape, jnp.float32)
-  noise = normal(1, T, V, h, w, cfg.in_channels)
   # The doubled batch of guidance: [cond; uncond] (the unconditional half's values do not change the cost).
   b2 = 2 if args.guidance != 1.0 else 1
-  text, pooled = normal(b2, T, V, L, cfg.joint_attention_dim), normal(b2, T, V, cfg.pooled_projection_dim)
-  layout = jax.random.uniform(next(ks), (b2, T, V, 8 * h, 8 * w, cfg.layout_channels))
-  cams, adjacency, off = normal(b2, T, V, cfg.camera_dim), jnp.ones((b2, V, V), bool), jnp.zeros((b2,), bool)
-  params = jax.jit(lambda k: meta.unbox(model.init(k, noise[:1].repeat(b2, 0), jnp.zeros((b2, T, V)), text, pooled,
-                                                   layout, cams, adjacency, off, off))["params"])(jax.random.key(0))
+  inputs = random_cvd_inputs(cfg, b2, T, V, h, w, L, iter(jax.random.split(jax.random.key(1), 8)))
+  noise = inputs[0][:1]
+  text, pooled, layout, cams, adjacency, off = inputs[2], inputs[3], inputs[4], inputs[5], inputs[6], inputs[7]
+  params = jax.jit(lambda k: meta.unbox(model.init(k, *inputs))["params"])(jax.random.key(0))
 
   def window(hoisted: bool):
     def run(params, noise):
